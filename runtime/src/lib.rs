@@ -1,1 +1,6 @@
-//! placeholder
+//! # burncloud-runtime
+//!
+//! The server: thread-per-core executors and their listeners, the HTTP/1.1 codec, the upstream
+//! client, the relay pipeline, the management API, the control thread and the `burncloud` binary.
+
+pub mod rt;
