@@ -9,6 +9,7 @@
 pub mod apikey;
 pub mod error;
 pub mod model;
+pub mod password;
 pub mod pricing;
 pub mod routing;
 

@@ -1,0 +1,174 @@
+//! Incremental Server-Sent Events decoding.
+//!
+//! Bytes arrive from the upstream in arbitrary fragments; [`SseDecoder`] buffers an incomplete event
+//! and yields each complete event's `event:` name and joined `data:` payload. It never allocates per
+//! byte and never fails: malformed lines are ignored, as the SSE specification requires.
+
+use bytes::{Bytes, BytesMut};
+
+/// One decoded event.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: Bytes,
+}
+
+/// Splits a byte stream into SSE events.
+#[derive(Debug, Default)]
+pub struct SseDecoder {
+    buf: BytesMut,
+    /// Bytes of `buf` already scanned without finding an event end.
+    scanned: usize,
+}
+
+impl SseDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes received from the stream.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete event, if the buffered bytes hold one.
+    pub fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let end = self.find_event_end()?;
+            let (block_len, sep_len) = end;
+            let block = self.buf.split_to(block_len + sep_len);
+            self.scanned = 0;
+            if let Some(ev) = parse_block(&block[..block_len]) {
+                return Some(ev);
+            }
+        }
+    }
+
+    /// Bytes still buffered (an incomplete event).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Finds a blank line (`\n\n`, `\r\n\r\n` or `\r\r`); returns (event length, separator length).
+    fn find_event_end(&mut self) -> Option<(usize, usize)> {
+        let b = &self.buf[..];
+        let start = self.scanned.saturating_sub(3);
+        let mut i = start;
+        while let Some(off) = memchr::memchr2(b'\n', b'\r', &b[i..]) {
+            let p = i + off;
+            let rest = &b[p..];
+            if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
+                return Some((p, 2));
+            }
+            if rest.starts_with(b"\r\n\r\n") {
+                return Some((p, 4));
+            }
+            if rest.starts_with(b"\n\r\n") {
+                return Some((p, 3));
+            }
+            i = p + 1;
+        }
+        self.scanned = b.len();
+        None
+    }
+}
+
+fn parse_block(block: &[u8]) -> Option<SseEvent> {
+    let mut event = None;
+    let mut data: Option<BytesMut> = None;
+    for raw in block.split(|c| *c == b'\n') {
+        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if line.is_empty() || line[0] == b':' {
+            continue;
+        }
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                let d = data.get_or_insert_with(BytesMut::new);
+                if !d.is_empty() {
+                    d.extend_from_slice(b"\n");
+                }
+                d.extend_from_slice(value);
+            }
+            b"event" => event = Some(String::from_utf8_lossy(value).into_owned()),
+            _ => {}
+        }
+    }
+    if data.is_none() && event.is_none() {
+        return None;
+    }
+    Some(SseEvent { event, data: data.map(BytesMut::freeze).unwrap_or_default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn all(d: &mut SseDecoder) -> Vec<SseEvent> {
+        std::iter::from_fn(|| d.next_event()).collect()
+    }
+
+    #[test]
+    fn decodes_data_and_event_lines() {
+        let mut d = SseDecoder::new();
+        d.feed(b"event: message_start\ndata: {\"a\":1}\n\ndata: [DONE]\n\n");
+        let evs = all(&mut d);
+        assert_eq!(evs.len(), 2);
+        assert_eq!(evs[0].event.as_deref(), Some("message_start"));
+        assert_eq!(&evs[0].data[..], b"{\"a\":1}");
+        assert_eq!(&evs[1].data[..], b"[DONE]");
+    }
+
+    #[test]
+    fn crlf_comments_and_multiline_data() {
+        let mut d = SseDecoder::new();
+        d.feed(b": keepalive\r\n\r\ndata: a\r\ndata: b\r\n\r\n");
+        let evs = all(&mut d);
+        assert_eq!(evs.len(), 1);
+        assert_eq!(&evs[0].data[..], b"a\nb");
+    }
+
+    #[test]
+    fn an_incomplete_event_waits_for_more_bytes() {
+        let mut d = SseDecoder::new();
+        d.feed(b"data: hel");
+        assert!(d.next_event().is_none());
+        d.feed(b"lo\n");
+        assert!(d.next_event().is_none());
+        d.feed(b"\n");
+        assert_eq!(&d.next_event().unwrap().data[..], b"hello");
+        assert_eq!(d.pending(), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn any_fragmentation_yields_the_same_events(
+            payloads in proptest::collection::vec("[a-z0-9{}\":, ]{0,40}", 1..8),
+            cuts in proptest::collection::vec(0usize..400, 0..10),
+            crlf in any::<bool>(),
+        ) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let text: String = payloads.iter().map(|p| format!("data: {p}{nl}{nl}")).collect();
+            let bytes = text.as_bytes();
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.sort();
+            let mut d = SseDecoder::new();
+            let mut got = vec![];
+            let mut last = 0;
+            for p in points.into_iter().chain([bytes.len()]) {
+                d.feed(&bytes[last..p]);
+                last = p;
+                got.extend(all(&mut d).into_iter().map(|e| String::from_utf8(e.data.to_vec()).unwrap()));
+            }
+            prop_assert_eq!(got, payloads);
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Shared and per-worker state.
+//!
+//! [`Shared`] is built once at start and read by every worker: settings, the storage handle, and the
+//! configuration [`Snapshot`] behind an atomic pointer (one atomic load per request, no lock). The
+//! control thread is the only writer of the snapshot; it rebuilds it from the database on request and
+//! publishes it to every worker at once. [`Worker`] is a worker's own state: its upstream client, its
+//! key cache, its random source. It never crosses threads.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use burncloud_core::model::{Channel, Token, User};
+use burncloud_core::pricing::{self, PriceTable};
+use burncloud_core::routing::AbilityIndex;
+use burncloud_storage::{ConfigData, StorageHandle};
+
+use crate::config::Settings;
+use crate::upstream::Client;
+
+/// Option keys the gateway reads, as New API names them.
+pub mod option_keys {
+    pub const MODEL_RATIO: &str = "ModelRatio";
+    pub const COMPLETION_RATIO: &str = "CompletionRatio";
+    pub const GROUP_RATIO: &str = "GroupRatio";
+    pub const MODEL_PRICE: &str = "ModelPrice";
+    pub const RETRY_TIMES: &str = "RetryTimes";
+    pub const ADMIN_KEY_HASH: &str = "AdminKeyHash";
+}
+
+/// The configuration every request is served under; immutable once published.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub channels: HashMap<i64, Arc<Channel>>,
+    pub abilities: AbilityIndex,
+    pub prices: PriceTable,
+    /// How many further channels a failed request may try.
+    pub retry_times: usize,
+    pub options: BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from the database's channels and options. Malformed ratio options are
+    /// reported and the shipped defaults are used instead of them.
+    pub fn build(data: ConfigData) -> Snapshot {
+        let abilities = AbilityIndex::build(&data.channels);
+        let ratio = |key: &str, default: HashMap<String, f64>| match data.options.get(key) {
+            Some(v) => PriceTable::parse_ratio_map(v).unwrap_or_else(|e| {
+                tracing::error!(option = key, error = %e, "malformed ratio option ignored");
+                default
+            }),
+            None => default,
+        };
+        let prices = PriceTable {
+            model_ratio: ratio(option_keys::MODEL_RATIO, pricing::default_model_ratios()),
+            completion_ratio: ratio(option_keys::COMPLETION_RATIO, pricing::default_completion_ratios()),
+            group_ratio: ratio(option_keys::GROUP_RATIO, HashMap::new()),
+            model_price: ratio(option_keys::MODEL_PRICE, HashMap::new()),
+        };
+        let retry_times =
+            data.options.get(option_keys::RETRY_TIMES).and_then(|v| v.trim().parse().ok()).unwrap_or(1);
+        let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
+        Snapshot { channels, abilities, prices, retry_times, options: data.options }
+    }
+}
+
+/// A request to the control thread.
+pub enum ControlMsg {
+    /// Rebuild the snapshot from the database; reply once it is published.
+    Reload(futures_channel::oneshot::Sender<Result<(), String>>),
+}
+
+/// State shared by all workers of the process.
+pub struct Shared {
+    pub settings: Settings,
+    pub storage: StorageHandle,
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Bumped whenever a key or user changes; workers drop their key caches when it moves.
+    pub auth_epoch: AtomicU64,
+    pub admin_key_hash: String,
+    pub shutdown: Arc<AtomicBool>,
+    pub control: crossbeam_channel::Sender<ControlMsg>,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl Shared {
+    /// Asks the control thread to rebuild and publish the snapshot, and waits until it is live.
+    pub async fn reload(&self) -> Result<(), String> {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.control.send(ControlMsg::Reload(tx)).map_err(|_| "control thread is gone".to_string())?;
+        rx.await.map_err(|_| "control thread is gone".to_string())?
+    }
+
+    pub fn bump_auth_epoch(&self) {
+        self.auth_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
+    }
+}
+
+/// How long a key stays cached on a worker before it is read again from storage.
+pub const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long an unknown key is remembered as unknown.
+pub const AUTH_NEGATIVE_TTL: Duration = Duration::from_secs(2);
+const AUTH_CACHE_MAX: usize = 100_000;
+
+/// A key and its owner as last read from storage.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub token: Token,
+    pub user: User,
+}
+
+/// A worker's own state.
+pub struct Worker {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    pub client: Client,
+    auth_cache: RefCell<HashMap<String, (Option<Arc<Caller>>, Instant)>>,
+    auth_epoch_seen: Cell<u64>,
+    pub rng: RefCell<fastrand::Rng>,
+    request_counter: Cell<u64>,
+    /// Open client connections on this worker (for draining on shutdown).
+    pub connections: Cell<usize>,
+}
+
+impl Worker {
+    pub fn new(index: usize, shared: Arc<Shared>, client: Client) -> Worker {
+        Worker {
+            index,
+            shared,
+            client,
+            auth_cache: RefCell::default(),
+            auth_epoch_seen: Cell::new(0),
+            rng: RefCell::new(fastrand::Rng::new()),
+            request_counter: Cell::new(0),
+            connections: Cell::new(0),
+        }
+    }
+
+    /// A request id unique across workers and restarts: start time, worker, sequence.
+    pub fn next_request_id(&self) -> String {
+        let n = self.request_counter.get().wrapping_add(1);
+        self.request_counter.set(n);
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        format!("{micros:x}{:02x}{:06x}", self.index & 0xff, n & 0xff_ffff)
+    }
+
+    /// The cached caller for a key hash: `Some(Some(_))` known, `Some(None)` known to be unknown,
+    /// `None` not cached (or stale).
+    pub fn cached_caller(&self, key_hash: &str) -> Option<Option<Arc<Caller>>> {
+        let epoch = self.shared.auth_epoch.load(Ordering::Acquire);
+        let mut cache = self.auth_cache.borrow_mut();
+        if epoch != self.auth_epoch_seen.get() {
+            cache.clear();
+            self.auth_epoch_seen.set(epoch);
+            return None;
+        }
+        let (entry, at) = cache.get(key_hash)?;
+        let ttl = if entry.is_some() { AUTH_CACHE_TTL } else { AUTH_NEGATIVE_TTL };
+        if at.elapsed() > ttl {
+            return None;
+        }
+        Some(entry.clone())
+    }
+
+    /// The current key epoch; pass it back to [`Worker::cache_caller`] after the storage read.
+    pub fn auth_epoch(&self) -> u64 {
+        self.shared.auth_epoch.load(Ordering::Acquire)
+    }
+
+    /// Caches a storage read, unless a key or user changed since the read began (`epoch`).
+    pub fn cache_caller(&self, key_hash: String, caller: Option<Arc<Caller>>, epoch: u64) {
+        if self.auth_epoch() != epoch {
+            return;
+        }
+        let mut cache = self.auth_cache.borrow_mut();
+        if cache.len() >= AUTH_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key_hash, (caller, Instant::now()));
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
