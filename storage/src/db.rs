@@ -31,6 +31,9 @@ pub(crate) enum Backend {
 pub(crate) struct Target {
     pub backend: Backend,
     pub url: String,
+    /// `sqlite::memory:`: every connection would open its own empty database, so the pool keeps
+    /// exactly one connection forever.
+    pub in_memory: bool,
 }
 
 impl Target {
@@ -54,13 +57,13 @@ impl Target {
             } else {
                 format!("{url}?mode=rwc")
             };
-            return Ok(Target { backend: Backend::Sqlite, url });
+            return Ok(Target { backend: Backend::Sqlite, url, in_memory });
         }
         if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
             if rest.is_empty() || rest.starts_with('/') {
                 return Err(bad("expected postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"));
             }
-            return Ok(Target { backend: Backend::Postgres, url: url.to_string() });
+            return Ok(Target { backend: Backend::Postgres, url: url.to_string(), in_memory: false });
         }
         Err(bad("expected sqlite://PATH or postgres://USER@HOST/DATABASE"))
     }
@@ -88,6 +91,9 @@ pub(crate) async fn connect(
         .max_connections(max_connections.max(1))
         .min_connections(0)
         .acquire_timeout(connect_timeout);
+    if target.in_memory {
+        options = options.max_connections(1).min_connections(1).idle_timeout(None).max_lifetime(None);
+    }
     if target.backend == Backend::Sqlite {
         options = options.after_connect(|conn, _meta| {
             Box::pin(async move {
@@ -128,6 +134,9 @@ mod tests {
             "sqlite:///tmp/a.db?cache=shared&mode=rwc"
         );
         assert_eq!(Target::parse("sqlite://a.db?mode=ro").unwrap().url, "sqlite://a.db?mode=ro");
+        let memory = Target::parse("sqlite::memory:").unwrap();
+        assert!(memory.in_memory);
+        assert_eq!(memory.url, "sqlite::memory:");
     }
 
     #[test]

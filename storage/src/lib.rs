@@ -240,11 +240,11 @@ impl StorageHandle {
     /// the token gains `used_quota`, loses `remain_quota` unless unlimited, and its `accessed_time`
     /// becomes the log's `created_at`; the channel gains `used_quota`.
     pub fn record(&self, ev: ConsumeEvent) {
-        if let Err(err) = self.tx.send(Command::Consume(ev)) {
-            if let Command::Consume(ev) = err.into_inner() {
-                let event = serde_json::to_string(&ev).unwrap_or_default();
-                tracing::error!(%event, "storage thread is not running; billing event not recorded");
-            }
+        if let Err(err) = self.tx.send(Command::Consume(ev))
+            && let Command::Consume(ev) = err.into_inner()
+        {
+            let event = serde_json::to_string(&ev).unwrap_or_default();
+            tracing::error!(%event, "storage thread is not running; billing event not recorded");
         }
     }
 

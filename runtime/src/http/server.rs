@@ -86,8 +86,13 @@ pub async fn serve_connection<S: Service>(
     service: &S,
     shutdown: &ShutdownSignal,
 ) {
-    let mut conn =
-        Connection { stream, buf: BytesMut::with_capacity(rt::READ_CHUNK), slots: Vec::new(), limits };
+    let mut conn = Connection {
+        stream,
+        buf: BytesMut::with_capacity(rt::READ_CHUNK),
+        grown: false,
+        slots: Vec::new(),
+        limits,
+    };
     loop {
         let (req, exchange) = match conn.next_request(peer, shutdown).await {
             Ok(Some(next)) => next,
@@ -129,7 +134,7 @@ struct Exchange {
     head_only: bool,
 }
 
-/// Why a read did not add bytes.
+/// What one bounded read achieved.
 enum Read {
     Data,
     Closed,
@@ -140,6 +145,8 @@ struct Connection<'l> {
     stream: rt::TcpStream,
     /// Bytes received and not yet consumed; the next request starts at its front.
     buf: BytesMut,
+    /// Whether `buf` was grown past [`RETAINED_BUFFER`] for the current request.
+    grown: bool,
     /// Header ranges of the head being parsed, reused across requests.
     slots: Vec<HeaderSlot>,
     limits: &'l Limits,
@@ -194,14 +201,22 @@ impl Connection<'_> {
         }
     }
 
+    /// Reads until a complete head is buffered. The head is re-parsed only when newly arrived bytes
+    /// may end it, so a client dribbling a long head byte by byte costs linear, not quadratic, work.
     async fn read_head(&mut self, received_at: Instant) -> Result<Option<ParsedHead>, GatewayError> {
         let deadline = received_at + self.limits.head_timeout;
+        let mut scanned: usize = 0;
         loop {
-            let parsed =
-                parse_head(&self.buf, self.limits.max_head, self.limits.max_headers, &mut self.slots);
-            if let Some(head) = parsed.map_err(head_error)? {
-                return Ok(Some(head));
+            if scanned == 0 || self.buf.get(scanned.saturating_sub(3)..).is_some_and(may_end_head) {
+                let parsed =
+                    parse_head(&self.buf, self.limits.max_head, self.limits.max_headers, &mut self.slots);
+                if let Some(head) = parsed.map_err(head_error)? {
+                    return Ok(Some(head));
+                }
+            } else if self.buf.len() >= self.limits.max_head {
+                return Err(head_error(HeadError::TooLarge));
             }
+            scanned = self.buf.len();
             match self.read_until(deadline).await {
                 Read::Data => {}
                 Read::Closed => return Ok(None),
@@ -233,6 +248,7 @@ impl Connection<'_> {
             if head.expect_continue && !self.write_continue().await {
                 return Ok(None);
             }
+            self.grown |= end > RETAINED_BUFFER;
             self.buf.reserve(end - self.buf.len() + rt::READ_CHUNK);
             let deadline = Instant::now() + self.limits.body_timeout;
             while self.buf.len() < end {
@@ -321,12 +337,17 @@ impl Connection<'_> {
 
     /// Gives back memory a large body left in the read buffer, keeping any pipelined bytes.
     fn trim_buffer(&mut self) {
-        if self.buf.capacity() > RETAINED_BUFFER {
+        if std::mem::take(&mut self.grown) {
             let mut fresh = BytesMut::with_capacity(rt::READ_CHUNK.max(self.buf.len()));
             fresh.extend_from_slice(&self.buf);
             self.buf = fresh;
         }
     }
+}
+
+/// Whether `bytes` contain a blank line (CRLF CRLF, or the LF LF httparse also accepts).
+fn may_end_head(bytes: &[u8]) -> bool {
+    memchr::memmem::find(bytes, b"\n\r\n").is_some() || memchr::memmem::find(bytes, b"\n\n").is_some()
 }
 
 fn head_error(e: HeadError) -> GatewayError {
@@ -542,6 +563,21 @@ mod tests {
     }
 
     #[test]
+    fn a_large_body_arrives_whole_and_the_connection_serves_on() {
+        with_server(Limits::default(), TestService::default(), |addr, _| async move {
+            let mut c = Client::connect(addr).await;
+            let body = vec![b'z'; 1 << 20];
+            c.send(format!("POST /big HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes()).await;
+            c.send(&body).await;
+            let big = c.response().await.unwrap();
+            c.send(b"GET /next HTTP/1.1\r\n\r\n").await;
+            let next = c.response().await.unwrap();
+            assert!(big.body.starts_with(b"POST /big None 1048576:zzz"));
+            assert_eq!(echo_of(&next), "GET /next None 0:");
+        });
+    }
+
+    #[test]
     fn pipelined_requests_are_answered_in_order() {
         with_server(Limits::default(), TestService::default(), |addr, _| async move {
             let mut c = Client::connect(addr).await;
@@ -612,6 +648,18 @@ mod tests {
             let reply = c.response().await.unwrap();
             assert_eq!((reply.status, reply.json_code().as_str()), (413, "request_too_large"));
             assert!(c.closed().await);
+        });
+    }
+
+    #[test]
+    fn a_head_sent_byte_by_byte_is_parsed_once_complete() {
+        with_server(Limits::default(), TestService::default(), |addr, _| async move {
+            let mut c = Client::connect(addr).await;
+            for b in b"GET /slowly HTTP/1.1\r\nHost: t\r\n\r\n" {
+                c.send(&[*b]).await;
+                rt::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(echo_of(&c.response().await.unwrap()), "GET /slowly None 0:");
         });
     }
 

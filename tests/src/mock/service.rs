@@ -1,0 +1,336 @@
+//! The mock's request handling: the OpenAI endpoints, the control endpoints and fault injection.
+//!
+//! Owns [`MockUpstream`], the [`Service`] each mock worker runs. A plain API request costs one
+//! atomic load for the behaviour check, one JSON parse of the fields it needs, one record copy and
+//! the response write; control endpoints (`/_mock/…`) and faults may take locks. It never enforces
+//! credentials (it records them) and never fails on a bad request body: that is a 400 answer.
+
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use burncloud_runtime::http::{LAST_CHUNK, Request, Responder, Service, encode_chunk};
+use burncloud_runtime::rt;
+use bytes::{BufMut, Bytes, BytesMut};
+use http::Method;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::MockShared;
+use super::behaviour::{Behaviour, Fault};
+use super::openai::{self, Api, Completion};
+use super::record::Record;
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+const SSE: [(&str, &str); 2] = [("content-type", "text/event-stream"), ("cache-control", "no-cache")];
+
+/// The mock's service on one worker.
+pub struct MockUpstream {
+    shared: Arc<MockShared>,
+    worker: usize,
+    next_id: Cell<u64>,
+}
+
+/// The numbers one API request is answered with: flags overridden by the behaviour in force.
+struct Plan {
+    latency: Duration,
+    chunks: usize,
+    chunk_gap: Duration,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    fault: Fault,
+    fault_after_chunks: usize,
+}
+
+/// The part of a completion request the mock reads.
+#[derive(Deserialize)]
+struct CompletionRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    input: Value,
+}
+
+/// A response the endpoint produced, before faults are applied.
+enum Answer {
+    Full { status: u16, body: String },
+    Stream { events: Vec<String> },
+}
+
+impl MockUpstream {
+    pub(crate) fn new(shared: Arc<MockShared>, worker: usize) -> MockUpstream {
+        MockUpstream { shared, worker, next_id: Cell::new(0) }
+    }
+
+    fn plan(&self, behaviour: Option<&Behaviour>) -> Plan {
+        let c = &self.shared.config;
+        let b = behaviour.cloned().unwrap_or_default();
+        let latency_ms = b.latency_ms.unwrap_or(c.latency_ms);
+        Plan {
+            latency: Duration::from_millis(latency_ms),
+            chunks: b.chunks.unwrap_or(c.chunks).max(1),
+            chunk_gap: Duration::from_millis(b.chunk_gap_ms.unwrap_or(c.chunk_gap_ms)),
+            prompt_tokens: b.prompt_tokens.unwrap_or(c.prompt_tokens),
+            completion_tokens: b.completion_tokens.unwrap_or(c.completion_tokens),
+            fault: b.fault,
+            fault_after_chunks: b.fault_after_chunks.unwrap_or(1),
+        }
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        let n = self.next_id.get() + 1;
+        self.next_id.set(n);
+        format!("{prefix}-mock-{}-{n}", self.worker)
+    }
+
+    async fn api(&self, req: Request, resp: &mut Responder<'_>) {
+        self.shared.recorder.record(self.worker, Record::of(&req));
+        let behaviour = self.shared.behaviour.take();
+        let plan = self.plan(behaviour.as_deref());
+        if !plan.latency.is_zero() && plan.fault != Fault::SlowHeaders {
+            rt::sleep(plan.latency).await;
+        }
+        if plan.fault == Fault::CloseBeforeResponse {
+            resp.abort();
+            return;
+        }
+        let answer = match behaviour.as_deref().and_then(|b| b.status.map(|s| (s, b.body.as_ref()))) {
+            Some((status, body)) => Answer::Full { status, body: injected_body(status, body) },
+            None => self.answer(&req, &plan),
+        };
+        let _ = match plan.fault {
+            Fault::None | Fault::CloseBeforeResponse => send(resp, answer, &plan).await,
+            Fault::GarbageBody => send_garbage(resp, &answer).await,
+            Fault::DisconnectMidStream => send_cut(resp, answer, &plan).await,
+            Fault::SlowHeaders => send_slowly(resp, answer, &plan).await,
+        };
+    }
+
+    /// The endpoint's normal answer.
+    fn answer(&self, req: &Request, plan: &Plan) -> Answer {
+        match (&req.method, req.path.as_str()) {
+            (&Method::POST, "/v1/chat/completions") => self.completion(Api::Chat, &req.body, plan),
+            (&Method::POST, "/v1/completions") => self.completion(Api::Text, &req.body, plan),
+            (&Method::POST, "/v1/embeddings") => {
+                match serde_json::from_slice::<EmbeddingRequest>(&req.body) {
+                    Ok(r) => Answer::Full {
+                        status: 200,
+                        body: openai::embeddings(
+                            r.model.as_deref().unwrap_or("mock-embedding"),
+                            openai::embedding_items(&r.input),
+                            plan.prompt_tokens,
+                        ),
+                    },
+                    Err(e) => bad_request(&e),
+                }
+            }
+            (&Method::GET, "/v1/models") => Answer::Full { status: 200, body: openai::models(now()) },
+            _ => Answer::Full {
+                status: 404,
+                body: openai::error(
+                    &format!("no route for {} {}", req.method, req.path),
+                    "invalid_request_error",
+                    "not_found",
+                ),
+            },
+        }
+    }
+
+    fn completion(&self, api: Api, body: &[u8], plan: &Plan) -> Answer {
+        let r = match serde_json::from_slice::<CompletionRequest>(body) {
+            Ok(r) => r,
+            Err(e) => return bad_request(&e),
+        };
+        let id = self.id(if api == Api::Chat { "chatcmpl" } else { "cmpl" });
+        let c = Completion {
+            api,
+            id: &id,
+            created: now(),
+            model: r.model.as_deref().unwrap_or("mock-model"),
+            prompt_tokens: plan.prompt_tokens,
+            completion_tokens: plan.completion_tokens,
+        };
+        let text = openai::generated_text(plan.completion_tokens);
+        if r.stream != Some(true) {
+            return Answer::Full { status: 200, body: c.full(&text) };
+        }
+        let include_usage = r.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let pieces = openai::pieces(&text, plan.chunks);
+        let mut events: Vec<String> =
+            pieces.iter().enumerate().map(|(k, p)| c.event(k, pieces.len(), p, include_usage)).collect();
+        if include_usage {
+            events.push(c.usage_event());
+        }
+        Answer::Stream { events }
+    }
+
+    async fn control(&self, req: Request, resp: &mut Responder<'_>) {
+        let shared = &self.shared;
+        let (status, body) = match (&req.method, req.path.as_str()) {
+            (&Method::PUT, "/_mock/behaviour") => match serde_json::from_slice::<Behaviour>(&req.body) {
+                Ok(b) => {
+                    shared.behaviour.set(Some(b));
+                    (200, json!({"ok": true}))
+                }
+                Err(e) => (400, json!({"error": e.to_string()})),
+            },
+            (&Method::DELETE, "/_mock/behaviour") => {
+                shared.behaviour.set(None);
+                (200, json!({"ok": true}))
+            }
+            (&Method::GET, "/_mock/behaviour") => (200, json!(shared.behaviour.current())),
+            (&Method::GET, "/_mock/requests") => {
+                (200, Value::Array(shared.recorder.requests().iter().map(Record::to_json).collect()))
+            }
+            (&Method::DELETE, "/_mock/requests") => {
+                shared.recorder.clear_requests();
+                (200, json!({"ok": true}))
+            }
+            (&Method::GET, "/_mock/stats") => (200, json!({"requests": shared.recorder.count()})),
+            (&Method::DELETE, "/_mock/stats") => {
+                shared.recorder.reset_count();
+                (200, json!({"ok": true}))
+            }
+            _ => (404, json!({"error": format!("no control endpoint {} {}", req.method, req.path)})),
+        };
+        let _ = resp.send(status, &[JSON], Bytes::from(body.to_string())).await;
+    }
+}
+
+impl Service for MockUpstream {
+    async fn call(&self, req: Request, resp: &mut Responder<'_>) {
+        if req.path.starts_with("/_mock/") {
+            self.control(req, resp).await;
+        } else if req.path == "/health" {
+            let _ = resp.send(200, &[JSON], Bytes::from_static(br#"{"status":"ok"}"#)).await;
+        } else {
+            self.api(req, resp).await;
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn bad_request(e: &serde_json::Error) -> Answer {
+    Answer::Full {
+        status: 400,
+        body: openai::error(&format!("invalid JSON body: {e}"), "invalid_request_error", "invalid_request"),
+    }
+}
+
+/// The body of an injected status: the given string or JSON, else an OpenAI error (or `{}` for 2xx).
+fn injected_body(status: u16, body: Option<&Value>) -> String {
+    match body {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None if status >= 400 => openai::error("injected by burncloud-mock", "server_error", "mock_failure"),
+        None => "{}".to_owned(),
+    }
+}
+
+async fn send(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std::io::Result<()> {
+    match answer {
+        Answer::Full { status, body } => resp.send(status, &[JSON], Bytes::from(body)).await,
+        Answer::Stream { events } => {
+            resp.start_stream(200, &SSE).await?;
+            for (k, event) in events.into_iter().enumerate() {
+                if k > 0 && !plan.chunk_gap.is_zero() {
+                    rt::sleep(plan.chunk_gap).await;
+                }
+                resp.send_chunk(Bytes::from(event)).await?;
+            }
+            resp.send_chunk(Bytes::from_static(openai::DONE)).await?;
+            resp.finish_stream().await
+        }
+    }
+}
+
+async fn send_garbage(resp: &mut Responder<'_>, answer: &Answer) -> std::io::Result<()> {
+    match answer {
+        Answer::Full { .. } => resp.send(200, &[JSON], Bytes::from_static(b"{\"id\": garbage <<<")).await,
+        Answer::Stream { .. } => {
+            resp.start_stream(200, &SSE).await?;
+            resp.send_chunk(Bytes::from_static(b"data: {\"choices\": [garbage\n\nnot-sse\x00\xff\n\n"))
+                .await?;
+            resp.finish_stream().await
+        }
+    }
+}
+
+/// Sends part of the answer, then drops the connection.
+async fn send_cut(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std::io::Result<()> {
+    match answer {
+        Answer::Full { status, body } => {
+            let mut raw = head(status, JSON.1, Some(body.len()));
+            raw.put_slice(&body.as_bytes()[..body.len() / 2]);
+            resp.write_raw(raw.freeze()).await?;
+        }
+        Answer::Stream { events } => {
+            resp.start_stream(200, &SSE).await?;
+            for (k, event) in events.into_iter().take(plan.fault_after_chunks).enumerate() {
+                if k > 0 && !plan.chunk_gap.is_zero() {
+                    rt::sleep(plan.chunk_gap).await;
+                }
+                resp.send_chunk(Bytes::from(event)).await?;
+            }
+        }
+    }
+    resp.abort();
+    Ok(())
+}
+
+/// Writes the status line, waits, then the rest of the response (closing the connection after).
+async fn send_slowly(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std::io::Result<()> {
+    let (status, content_type, body, stream) = match answer {
+        Answer::Full { status, body } => (status, JSON.1, Bytes::from(body), false),
+        Answer::Stream { events } => {
+            let mut framed = BytesMut::new();
+            for event in events.iter().map(String::as_bytes).chain([openai::DONE]) {
+                framed.put_slice(&encode_chunk(event));
+            }
+            framed.put_slice(LAST_CHUNK);
+            (200, SSE[0].1, framed.freeze(), true)
+        }
+    };
+    let full = head(status, content_type, (!stream).then_some(body.len()));
+    let split = full.iter().position(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let mut full = full;
+    let status_line = full.split_to(split).freeze();
+    resp.write_raw(status_line).await?;
+    rt::sleep(if plan.latency.is_zero() { Duration::from_secs(1) } else { plan.latency }).await;
+    full.put_slice(&body);
+    resp.write_raw(full.freeze()).await
+}
+
+/// A raw response head: chunked when `length` is `None`; always `connection: close`.
+fn head(status: u16, content_type: &str, length: Option<usize>) -> BytesMut {
+    let reason =
+        http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Unknown");
+    let framing = match length {
+        Some(n) => format!("content-length: {n}"),
+        None => "transfer-encoding: chunked".to_owned(),
+    };
+    let text = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\n{framing}\r\nconnection: close\r\n\r\n"
+    );
+    BytesMut::from(text.as_bytes())
+}
