@@ -52,7 +52,7 @@ impl AbilityIndex {
         }
         for models in by_group.values_mut() {
             for tiers in models.values_mut() {
-                tiers.sort_by(|a, b| b.priority.cmp(&a.priority));
+                tiers.sort_by_key(|t| std::cmp::Reverse(t.priority));
             }
         }
         AbilityIndex { by_group }

@@ -90,4 +90,9 @@ impl TcpStream {
         self.inner.write_all(&data).await?;
         self.inner.flush().await
     }
+
+    /// Closes the sending half: the peer reads end-of-stream after what was written.
+    pub async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.inner.shutdown(std::net::Shutdown::Write).await.map_err(to_io)
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 use super::READ_CHUNK;
 
@@ -21,10 +21,10 @@ where
     F: FnOnce() -> Fut,
     Fut: Future,
 {
-    if let Some(cpu) = cpu {
-        if !core_affinity::set_for_current(core_affinity::CoreId { id: cpu }) {
-            return Err(io::Error::other(format!("cannot pin the worker thread to cpu {cpu}")));
-        }
+    if let Some(cpu) = cpu
+        && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu })
+    {
+        return Err(io::Error::other(format!("cannot pin the worker thread to cpu {cpu}")));
     }
     let mut rt =
         monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(1024).build()?;
@@ -82,5 +82,10 @@ impl TcpStream {
     pub async fn write_all(&mut self, data: Bytes) -> io::Result<()> {
         let (res, _) = self.0.write_all(data).await;
         res.map(|_| ())
+    }
+
+    /// Closes the sending half: the peer reads end-of-stream after what was written.
+    pub async fn shutdown_write(&mut self) -> io::Result<()> {
+        self.0.shutdown().await
     }
 }
