@@ -37,6 +37,8 @@ pub struct Settings {
     pub upstream_ca_file: Option<PathBuf>,
     pub log_batch_size: usize,
     pub log_flush_ms: u64,
+    /// Where billing events go while the database is unreachable; replayed when it returns.
+    pub spill_path: PathBuf,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -68,6 +70,7 @@ struct FileSettings {
     upstream_ca_file: Option<PathBuf>,
     log_batch_size: Option<usize>,
     log_flush_ms: Option<u64>,
+    spill_path: Option<PathBuf>,
 }
 
 /// Environment variables read, with the file key each overrides.
@@ -88,6 +91,7 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("BURNCLOUD_UPSTREAM_CA_FILE", "upstream_ca_file"),
     ("BURNCLOUD_LOG_BATCH_SIZE", "log_batch_size"),
     ("BURNCLOUD_LOG_FLUSH_MS", "log_flush_ms"),
+    ("BURNCLOUD_SPILL_PATH", "spill_path"),
 ];
 
 impl Settings {
@@ -153,6 +157,7 @@ impl Settings {
             return Err(ConfigError("BURNCLOUD_ADMIN_KEY must be at least 16 characters".into()));
         }
         let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
+        let spill_path = fs.spill_path.unwrap_or_else(|| default_spill_path(&database_url));
         Ok(Settings {
             env,
             listen,
@@ -170,8 +175,23 @@ impl Settings {
             upstream_ca_file: fs.upstream_ca_file,
             log_batch_size: fs.log_batch_size.unwrap_or(512).max(1),
             log_flush_ms: fs.log_flush_ms.unwrap_or(50),
+            spill_path,
         })
     }
+}
+
+/// Next to a SQLite file; for a server database, in the working directory under a name derived from
+/// the URL, so instances of different databases never share one. Instances sharing a database and a
+/// working directory must set `BURNCLOUD_SPILL_PATH` each.
+fn default_spill_path(database_url: &str) -> PathBuf {
+    if let Some(path) = database_url.strip_prefix("sqlite://").or_else(|| database_url.strip_prefix("sqlite:")) {
+        let file = path.split('?').next().unwrap_or(path);
+        if !file.is_empty() && !file.contains(":memory:") {
+            return PathBuf::from(format!("{file}.spill.jsonl"));
+        }
+    }
+    let digest = burncloud_core::apikey::hash(database_url);
+    PathBuf::from(format!("burncloud-spill-{}.jsonl", &digest[..12]))
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
@@ -201,6 +221,7 @@ fn apply_env(fs: &mut FileSettings, var: &str, v: &str) -> Result<(), ConfigErro
         "BURNCLOUD_UPSTREAM_CA_FILE" => fs.upstream_ca_file = Some(PathBuf::from(v)),
         "BURNCLOUD_LOG_BATCH_SIZE" => fs.log_batch_size = Some(num(v)? as usize),
         "BURNCLOUD_LOG_FLUSH_MS" => fs.log_flush_ms = Some(num(v)?),
+        "BURNCLOUD_SPILL_PATH" => fs.spill_path = Some(PathBuf::from(v)),
         _ => {}
     }
     Ok(())
@@ -221,6 +242,7 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:3000");
         assert_eq!(s.database_url, "sqlite://burncloud.db");
         assert!(s.redis_url.is_none());
+        assert_eq!(s.spill_path, PathBuf::from("burncloud.db.spill.jsonl"));
     }
 
     #[test]

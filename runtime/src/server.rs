@@ -57,6 +57,7 @@ impl Server {
             database_url: settings.database_url.clone(),
             batch_size: settings.log_batch_size,
             flush_interval: Duration::from_millis(settings.log_flush_ms),
+            spill_path: Some(settings.spill_path.clone()),
             ..StorageConfig::default()
         };
         let (storage, storage_thread) = burncloud_storage::start(storage_cfg)

@@ -150,7 +150,7 @@ pub fn start(cfg: StorageConfig) -> Result<(StorageHandle, StorageThread), Stora
             pool.close().await;
             return Err(e);
         }
-        let db = Db::new(pool, target.redacted());
+        let db = Db::new(pool, target.backend, target.redacted());
         let segments = match &spill {
             Some(spill) => spill.load().map_err(|e| StorageError::Spill {
                 path: spill.path().display().to_string(),

@@ -3,8 +3,10 @@
 //! Owns the mapping between domain records and rows (booleans are read from either an integer or a
 //! boolean column; model lists are comma lists; model mappings are JSON text) and the batch write of
 //! consume events. Runs only on the storage thread. Must never build SQL from caller-supplied text
-//! (values are always bound), never use `?` placeholders (Postgres needs `$N`, SQLite accepts them),
-//! and never select a boolean expression (the `Any` driver cannot decode SQLite's boolean type).
+//! (values are always bound), never select a boolean expression (the `Any` driver cannot decode
+//! SQLite's boolean type), and never use `?` placeholders except in SQLite's multi-row inserts:
+//! Postgres needs `$N`, which SQLite accepts too but resolves with a linear name lookup per bind,
+//! quadratic in a statement of two thousand values.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -16,6 +18,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, AssertSqlSafe, Row};
 use sqlx::{AnyConnection, AnyPool};
 
+use crate::db::Backend;
 use crate::error::StorageError;
 use crate::spill::Segment;
 use crate::{ChannelFilter, ConfigData, LogFilter};
@@ -57,6 +60,7 @@ const MAX_PAGE_SIZE: i64 = 10_000;
 /// The pool plus what error messages need.
 pub(crate) struct Db {
     pool: AnyPool,
+    backend: Backend,
     /// Redacted URL, for "unreachable" messages.
     url: String,
     /// `INSERT INTO logs … VALUES` with [`LOG_ROWS_PER_STATEMENT`] rows, built once.
@@ -64,8 +68,9 @@ pub(crate) struct Db {
 }
 
 impl Db {
-    pub(crate) fn new(pool: AnyPool, redacted_url: String) -> Self {
-        Db { pool, url: redacted_url, full_log_insert: log_insert_sql(LOG_ROWS_PER_STATEMENT) }
+    pub(crate) fn new(pool: AnyPool, backend: Backend, redacted_url: String) -> Self {
+        let full_log_insert = log_insert_sql(backend, LOG_ROWS_PER_STATEMENT);
+        Db { pool, backend, url: redacted_url, full_log_insert }
     }
 
     pub(crate) async fn close(&self) {
@@ -116,7 +121,7 @@ impl Db {
             let sql = if chunk.len() == LOG_ROWS_PER_STATEMENT {
                 self.full_log_insert.clone()
             } else {
-                log_insert_sql(chunk.len())
+                log_insert_sql(self.backend, chunk.len())
             };
             let mut q: AnyQuery = sqlx::query(AssertSqlSafe(sql));
             for log in chunk {
@@ -345,6 +350,7 @@ impl Db {
         let enabled = ch.status == STATUS_ENABLED;
         for chunk in pairs.chunks(ABILITY_ROWS_PER_STATEMENT) {
             let sql = multi_insert_sql(
+                self.backend,
                 r#"INSERT INTO abilities ("group", model, channel_id, enabled, priority, weight, tag) VALUES "#,
                 ABILITY_COLUMNS,
                 chunk.len(),
@@ -509,7 +515,7 @@ impl Db {
             content: format!("top-up of {quota} quota"),
             ..LogEntry::default()
         };
-        bind_log(sqlx::query(AssertSqlSafe(log_insert_sql(1))), &log)
+        bind_log(sqlx::query(AssertSqlSafe(log_insert_sql(self.backend, 1))), &log)
             .execute(&mut *tx)
             .await
             .map_err(|e| self.err(e))?;
@@ -698,8 +704,8 @@ impl Where {
     }
 }
 
-/// `prefix` followed by `rows` tuples of `cols` numbered placeholders.
-fn multi_insert_sql(prefix: &str, cols: usize, rows: usize) -> String {
+/// `prefix` followed by `rows` tuples of `cols` placeholders: `$N` for Postgres, `?` for SQLite.
+fn multi_insert_sql(backend: Backend, prefix: &str, cols: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(prefix.len() + rows * cols * 6);
     sql.push_str(prefix);
     for r in 0..rows {
@@ -708,15 +714,25 @@ fn multi_insert_sql(prefix: &str, cols: usize, rows: usize) -> String {
             if c > 0 {
                 sql.push_str(", ");
             }
-            let _ = write!(sql, "${}", r * cols + c + 1);
+            match backend {
+                Backend::Postgres => {
+                    let _ = write!(sql, "${}", r * cols + c + 1);
+                }
+                Backend::Sqlite => sql.push('?'),
+            }
         }
         sql.push(')');
     }
     sql
 }
 
-fn log_insert_sql(rows: usize) -> String {
-    multi_insert_sql(concat!("INSERT INTO logs (", log_insert_cols!(), ") VALUES "), LOG_COLUMNS, rows)
+fn log_insert_sql(backend: Backend, rows: usize) -> String {
+    multi_insert_sql(
+        backend,
+        concat!("INSERT INTO logs (", log_insert_cols!(), ") VALUES "),
+        LOG_COLUMNS,
+        rows,
+    )
 }
 
 /// Binds the [`LOG_COLUMNS`] values of one log row, in `log_insert_cols!` order. Text is cleaned of
@@ -882,8 +898,12 @@ mod tests {
     #[test]
     fn multi_row_inserts_number_every_placeholder() {
         assert_eq!(
-            multi_insert_sql("INSERT INTO t (a, b) VALUES ", 2, 2),
+            multi_insert_sql(Backend::Postgres, "INSERT INTO t (a, b) VALUES ", 2, 2),
             "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4)"
+        );
+        assert_eq!(
+            multi_insert_sql(Backend::Sqlite, "INSERT INTO t (a, b) VALUES ", 2, 2),
+            "INSERT INTO t (a, b) VALUES (?, ?), (?, ?)"
         );
     }
 
