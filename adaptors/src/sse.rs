@@ -1,10 +1,12 @@
-//! Incremental Server-Sent Events decoding.
+//! Incremental Server-Sent Events decoding, and writing events.
 //!
 //! Bytes arrive from the upstream in arbitrary fragments; [`SseDecoder`] buffers an incomplete event
 //! and yields each complete event's `event:` name and joined `data:` payload. It never allocates per
 //! byte and never fails: malformed lines are ignored, as the SSE specification requires.
+//! [`write_json_event`] and [`write_data`] append one event to an output buffer. No I/O here.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
 
 /// One decoded event.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -71,6 +73,30 @@ impl SseDecoder {
         self.scanned = b.len();
         None
     }
+}
+
+/// Appends one event whose data is `data` as JSON, named when `event` is given. Nothing is appended if
+/// the value cannot be serialized.
+pub fn write_json_event<T: Serialize + ?Sized>(out: &mut BytesMut, event: Option<&str>, data: &T) {
+    let start = out.len();
+    if let Some(name) = event {
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\n");
+    }
+    out.extend_from_slice(b"data: ");
+    if serde_json::to_writer((&mut *out).writer(), data).is_err() {
+        out.truncate(start);
+        return;
+    }
+    out.extend_from_slice(b"\n\n");
+}
+
+/// Appends one unnamed event with literal data (e.g. `[DONE]`).
+pub fn write_data(out: &mut BytesMut, data: &[u8]) {
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\n\n");
 }
 
 fn parse_block(block: &[u8]) -> Option<SseEvent> {
@@ -146,6 +172,19 @@ mod tests {
         d.feed(b"\n");
         assert_eq!(&d.next_event().unwrap().data[..], b"hello");
         assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn written_events_decode_back() {
+        let mut out = BytesMut::new();
+        write_json_event(&mut out, Some("ping"), &serde_json::json!({"type": "ping"}));
+        write_data(&mut out, b"[DONE]");
+        assert_eq!(&out[..], b"event: ping\ndata: {\"type\":\"ping\"}\n\ndata: [DONE]\n\n");
+        let mut d = SseDecoder::new();
+        d.feed(&out);
+        let evs = all(&mut d);
+        assert_eq!(evs[0].event.as_deref(), Some("ping"));
+        assert_eq!(&evs[1].data[..], b"[DONE]");
     }
 
     proptest! {
