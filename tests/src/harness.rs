@@ -9,6 +9,9 @@
 //! Plain std only: no async runtime, no TLS. This code runs on test threads, never on a gateway
 //! executor, so blocking is what it is for.
 
+// Test tooling: failing the calling test with a message is how every helper here reports an error.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
 use std::io::{self, BufRead, BufReader, Read, Write};

@@ -1,0 +1,887 @@
+//! End-to-end tests of the `burncloud` gateway: the real binary (`$BURNCLOUD_BIN`, else
+//! `target/debug/burncloud`) in front of the project's mock upstream, on a fresh SQLite file or,
+//! with `BURNCLOUD_TEST_DB=postgres`, a fresh Postgres database per test.
+//!
+//! Each test starts its own mock and gateway, speaks only the external contract (`shared/API.md`):
+//! the OpenAI-compatible relay, the management API and the process signals, and asserts one
+//! behaviour named by the test.
+
+// The fixtures and assertion helpers below fail their test the same way the tests themselves do.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use burncloud_tests::harness::{
+    ADMIN_KEY, ApiKey, CHANNEL_KEY, Gateway, GatewayOptions, HttpRequest, Mock, Response, WAIT, pause,
+    unix_now, workspace_dir,
+};
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------- fixtures
+
+/// A mock upstream, a gateway with one channel to it (models `gpt-x`, `text-x`, `embed-x`), one user
+/// in group `default` and one unlimited key of that user.
+struct Setup {
+    mock: Mock,
+    gw: Gateway,
+    channel: i64,
+    user: i64,
+    key: ApiKey,
+}
+
+fn setup() -> Setup {
+    setup_with(GatewayOptions::new())
+}
+
+fn setup_with(opts: GatewayOptions) -> Setup {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(opts);
+    let channel = gw.create_channel(json!({"base_url": mock.base_url(), "models": "gpt-x,text-x,embed-x"}));
+    let user = gw.create_user(json!({}));
+    let key = gw.create_token(user, json!({}));
+    Setup { mock, gw, channel, user, key }
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "Say hello"}]})
+}
+
+fn stream_body(model: &str) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    })
+}
+
+/// A loopback port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+fn assert_error(resp: &Response, status: u16, code: &str) {
+    assert_eq!(resp.status, status, "expected HTTP {status} {code}, got {}: {}", resp.status, resp.text());
+    assert_eq!(resp.error_code(), code, "body: {}", resp.text());
+}
+
+fn request_id(resp: &Response) -> String {
+    let id = resp.header("x-request-id").unwrap_or_else(|| panic!("no x-request-id in {:?}", resp.headers));
+    assert!(!id.is_empty(), "empty x-request-id");
+    id.to_string()
+}
+
+/// The content of the first choice of a chat completion.
+fn content(v: &Value) -> &str {
+    v["choices"][0]["message"]["content"].as_str().unwrap_or_else(|| panic!("no message content in {v}"))
+}
+
+// ---------------------------------------------------------------- relay: the happy paths
+
+#[test]
+fn a_chat_completion_is_relayed_with_the_channel_key_and_billed_by_the_configured_ratios() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 2.5}"#);
+    s.gw.put_option("CompletionRatio", r#"{"gpt-x": 3}"#);
+    s.mock.behave(json!({"prompt_tokens": 13, "completion_tokens": 7}));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let body = resp.json();
+    assert!(content(&body).starts_with("Hello"), "not the mock's completion: {body}");
+    assert_eq!(
+        (body["usage"]["prompt_tokens"].as_i64(), body["usage"]["completion_tokens"].as_i64()),
+        (Some(13), Some(7))
+    );
+    let id = request_id(&resp);
+    let overhead = resp.header("x-burncloud-overhead-us").unwrap_or_default();
+    assert!(overhead.parse::<u64>().is_ok(), "x-burncloud-overhead-us is {overhead:?}");
+
+    let seen = s.mock.requests();
+    let upstream = seen.last().expect("the mock saw no request");
+    assert_eq!(upstream.path(), "/v1/chat/completions");
+    assert_eq!(upstream.header("authorization").as_deref(), Some(format!("Bearer {CHANNEL_KEY}").as_str()));
+    assert_eq!(upstream.json()["model"], "gpt-x");
+
+    let log = s.gw.consume_log(&id);
+    assert_eq!(log["type"], 2);
+    assert_eq!((log["prompt_tokens"].as_i64(), log["completion_tokens"].as_i64()), (Some(13), Some(7)));
+    assert_eq!(log["is_stream"], false);
+    assert_eq!(log["channel_id"], s.channel);
+    assert_eq!(log["model_name"], "gpt-x");
+    assert_eq!((log["user_id"].as_i64(), log["token_id"].as_i64()), (Some(s.user), Some(s.key.id)));
+    // round((13 + 7 × 3) × 2.5) = 85
+    assert_eq!(log["quota"], 85, "log: {log}");
+}
+
+#[test]
+fn a_streamed_chat_arrives_as_sse_events_ending_with_done_and_logs_the_reported_usage() {
+    let s = setup();
+    s.mock.behave(json!({"chunks": 4, "prompt_tokens": 9, "completion_tokens": 4}));
+
+    let resp = s.gw.chat(&s.key.key, &stream_body("gpt-x"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(resp.header("content-type").unwrap_or_default().starts_with("text/event-stream"));
+    let events = resp.sse_data();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "events: {events:?}");
+    let parsed: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let content_chunks =
+        parsed.iter().filter(|e| e["choices"].as_array().is_some_and(|c| !c.is_empty())).count();
+    assert_eq!(content_chunks, 4, "events: {events:?}");
+    let usage = parsed.iter().find_map(|e| e.get("usage").filter(|u| u.is_object())).expect("no usage event");
+    assert_eq!(usage["prompt_tokens"], 9);
+
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert_eq!((log["prompt_tokens"].as_i64(), log["completion_tokens"].as_i64()), (Some(9), Some(4)));
+    assert_eq!(log["is_stream"], true);
+}
+
+#[test]
+fn stream_events_are_forwarded_as_they_arrive_not_buffered() {
+    let s = setup();
+    s.mock.behave(json!({"chunks": 5, "chunk_gap_ms": 100}));
+
+    let started = Instant::now();
+    let mut stream = HttpRequest::post("/v1/chat/completions")
+        .bearer(&s.key.key)
+        .json(&stream_body("gpt-x"))
+        .open(s.gw.addr)
+        .unwrap();
+    let first = stream.next_event().unwrap().expect("no event");
+    let first_at = started.elapsed();
+    let mut last = first;
+    while let Some(ev) = stream.next_event().unwrap() {
+        last = ev;
+    }
+    let total = started.elapsed();
+
+    assert_eq!(last, "[DONE]");
+    assert!(first_at < Duration::from_millis(300), "first event after {first_at:?}");
+    assert!(total >= Duration::from_millis(400), "whole stream in {total:?}: the gaps were not kept");
+}
+
+#[test]
+fn a_text_completion_is_relayed_to_the_completions_endpoint_and_logged() {
+    let s = setup();
+    s.mock.behave(json!({"prompt_tokens": 5, "completion_tokens": 3}));
+
+    let resp = s.gw.post("/v1/completions", &s.key.key, &json!({"model": "text-x", "prompt": "Once upon"}));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(resp.json()["choices"][0]["text"].is_string(), "{}", resp.text());
+    assert_eq!(s.mock.requests().last().unwrap().path(), "/v1/completions");
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert_eq!((log["model_name"].as_str(), log["prompt_tokens"].as_i64()), (Some("text-x"), Some(5)));
+}
+
+#[test]
+fn embeddings_are_relayed_to_the_embeddings_endpoint_and_logged() {
+    let s = setup();
+    s.mock.behave(json!({"prompt_tokens": 6}));
+
+    let resp = s.gw.post("/v1/embeddings", &s.key.key, &json!({"model": "embed-x", "input": ["a", "b"]}));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["data"].as_array().map(Vec::len), Some(2), "{}", resp.text());
+    assert_eq!(s.mock.requests().last().unwrap().path(), "/v1/embeddings");
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert_eq!((log["model_name"].as_str(), log["prompt_tokens"].as_i64()), (Some("embed-x"), Some(6)));
+}
+
+fn model_ids(resp: &Response) -> Vec<String> {
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let v = resp.json();
+    assert_eq!(v["object"], "list");
+    let mut ids: Vec<String> =
+        v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn the_model_list_shows_only_the_models_of_the_keys_group() {
+    let s = setup();
+    s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "vip-x", "group": "vip"}));
+
+    let resp = HttpRequest::get("/v1/models").bearer(&s.key.key).send(s.gw.addr);
+
+    assert_eq!(model_ids(&resp), ["embed-x", "gpt-x", "text-x"]);
+}
+
+#[test]
+fn the_model_list_of_a_key_with_a_model_allow_list_shows_only_those_models() {
+    let s = setup();
+    let limited = s.gw.create_token(s.user, json!({"models": ["gpt-x", "embed-x"]}));
+
+    let resp = HttpRequest::get("/v1/models").bearer(&limited.key).send(s.gw.addr);
+
+    assert_eq!(model_ids(&resp), ["embed-x", "gpt-x"]);
+}
+
+// ---------------------------------------------------------------- routing
+
+#[test]
+fn model_mapping_sends_the_upstream_name_and_logs_the_requested_name() {
+    let s = setup();
+    let mapped = s.gw.create_channel(json!({
+        "base_url": s.mock.base_url(),
+        "models": "gpt-mapped",
+        "model_mapping": {"gpt-mapped": "upstream-x"},
+    }));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-mapped"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(s.mock.requests().last().unwrap().json()["model"], "upstream-x");
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert_eq!((log["model_name"].as_str(), log["channel_id"].as_i64()), (Some("gpt-mapped"), Some(mapped)));
+}
+
+#[test]
+fn a_default_group_key_cannot_reach_a_vip_only_channel() {
+    let s = setup();
+    s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "vip-x", "group": "vip"}));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("vip-x"));
+
+    assert_error(&resp, 503, "model_not_available");
+    assert!(s.mock.requests().is_empty(), "the upstream was called");
+}
+
+#[test]
+fn a_vip_user_key_reaches_a_vip_only_channel() {
+    let s = setup();
+    let vip_channel =
+        s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "vip-x", "group": "vip"}));
+    let vip_user = s.gw.create_user(json!({"group": "vip"}));
+    let vip_key = s.gw.create_token(vip_user, json!({}));
+
+    let resp = s.gw.chat(&vip_key.key, &chat_body("vip-x"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], vip_channel);
+}
+
+#[test]
+fn disabling_the_only_channel_of_a_model_makes_it_unavailable_at_once() {
+    let s = setup();
+    for _ in 0..4 {
+        assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200, "before disabling");
+    }
+
+    s.gw.api("PUT", &format!("/api/channel/{}", s.channel), Some(&json!({"status": 2})));
+
+    for _ in 0..4 {
+        assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-x")), 503, "model_not_available");
+    }
+}
+
+/// A failing channel A (priority 10) and a healthy channel B (priority 0) serving `gpt-f`.
+struct Failover {
+    s: Setup,
+    failing: Mock,
+    channel_b: i64,
+}
+
+fn failover_setup(failing_behaviour: Value) -> Failover {
+    let s = setup();
+    let failing = Mock::start(&[]);
+    failing.behave(failing_behaviour);
+    s.gw.create_channel(json!({"base_url": failing.base_url(), "models": "gpt-f", "priority": 10}));
+    let channel_b =
+        s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "gpt-f", "priority": 0}));
+    Failover { s, failing, channel_b }
+}
+
+#[test]
+fn a_request_fails_over_from_a_channel_answering_500_to_the_next_priority() {
+    let f = failover_setup(
+        json!({"status": 500, "body": {"error": {"message": "boom", "type": "server_error"}}}),
+    );
+
+    let resp = f.s.gw.chat(&f.s.key.key, &chat_body("gpt-f"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.failing.requests().len(), 1, "the higher-priority channel was not tried first");
+    assert_eq!(f.s.gw.consume_log(&request_id(&resp))["channel_id"], f.channel_b);
+}
+
+#[test]
+fn with_retry_times_0_a_failing_first_channel_fails_the_request_with_502_upstream_error() {
+    let f = failover_setup(
+        json!({"status": 500, "body": {"error": {"message": "boom", "type": "server_error"}}}),
+    );
+    f.s.gw.put_option("RetryTimes", "0");
+
+    let resp = f.s.gw.chat(&f.s.key.key, &chat_body("gpt-f"));
+
+    assert_error(&resp, 502, "upstream_error");
+    assert!(f.s.mock.requests().is_empty(), "the second channel was tried");
+}
+
+#[test]
+fn a_channel_on_a_closed_port_fails_over_to_the_next_channel() {
+    let s = setup();
+    s.gw.create_channel(json!({
+        "base_url": format!("http://127.0.0.1:{}", closed_port()),
+        "models": "gpt-f",
+        "priority": 10,
+    }));
+    let healthy = s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "gpt-f"}));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], healthy);
+}
+
+// ---------------------------------------------------------------- relay: refusals
+
+#[test]
+fn a_request_without_a_key_is_refused_with_401_invalid_api_key() {
+    let s = setup();
+    let resp = HttpRequest::post("/v1/chat/completions").json(&chat_body("gpt-x")).send(s.gw.addr);
+    assert_error(&resp, 401, "invalid_api_key");
+    request_id(&resp);
+}
+
+#[test]
+fn an_unknown_key_is_refused_with_401_invalid_api_key() {
+    let s = setup();
+    let resp = s.gw.chat("sk-this-key-was-never-issued-by-the-gateway", &chat_body("gpt-x"));
+    assert_error(&resp, 401, "invalid_api_key");
+}
+
+#[test]
+fn a_key_is_also_accepted_from_x_api_key() {
+    let s = setup();
+    let resp = HttpRequest::post("/v1/chat/completions")
+        .header("x-api-key", &s.key.key)
+        .json(&chat_body("gpt-x"))
+        .send(s.gw.addr);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+#[test]
+fn a_key_is_also_accepted_from_the_key_query_parameter() {
+    let s = setup();
+    let resp = HttpRequest::post(&format!("/v1/chat/completions?key={}", s.key.key))
+        .json(&chat_body("gpt-x"))
+        .send(s.gw.addr);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}
+
+#[test]
+fn disabling_a_key_refuses_it_at_once_with_403_token_disabled() {
+    let s = setup();
+    for _ in 0..4 {
+        assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200, "before disabling");
+    }
+
+    s.gw.api("PUT", &format!("/api/token/{}", s.key.id), Some(&json!({"status": 2})));
+
+    for _ in 0..4 {
+        assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-x")), 403, "token_disabled");
+    }
+}
+
+#[test]
+fn an_expired_key_is_refused_with_403_token_expired() {
+    let s = setup();
+    let key = s.gw.create_token(s.user, json!({"expired_time": unix_now() - 3600}));
+    assert_error(&s.gw.chat(&key.key, &chat_body("gpt-x")), 403, "token_expired");
+}
+
+#[test]
+fn a_key_without_remaining_quota_is_refused_with_403_token_quota_exhausted() {
+    let s = setup();
+    let key = s.gw.create_token(s.user, json!({"remain_quota": 0, "unlimited_quota": false}));
+    assert_error(&s.gw.chat(&key.key, &chat_body("gpt-x")), 403, "token_quota_exhausted");
+}
+
+#[test]
+fn a_model_outside_the_keys_allow_list_is_refused_with_403_model_not_allowed() {
+    let s = setup();
+    let key = s.gw.create_token(s.user, json!({"models": ["text-x"]}));
+    assert_error(&s.gw.chat(&key.key, &chat_body("gpt-x")), 403, "model_not_allowed");
+}
+
+#[test]
+fn a_client_outside_the_keys_ip_allow_list_is_refused_with_403_ip_not_allowed() {
+    let s = setup();
+    let key = s.gw.create_token(s.user, json!({"allow_ips": "10.0.0.1"}));
+    assert_error(&s.gw.chat(&key.key, &chat_body("gpt-x")), 403, "ip_not_allowed");
+}
+
+#[test]
+fn a_client_inside_the_keys_ip_allow_list_is_served() {
+    let s = setup();
+    let key = s.gw.create_token(s.user, json!({"allow_ips": "10.0.0.1,127.0.0.0/8"}));
+    assert_eq!(s.gw.chat(&key.key, &chat_body("gpt-x")).status, 200);
+}
+
+#[test]
+fn a_model_no_channel_serves_is_refused_with_503_model_not_available() {
+    let s = setup();
+    assert_error(&s.gw.chat(&s.key.key, &chat_body("no-such-model")), 503, "model_not_available");
+}
+
+#[test]
+fn malformed_json_is_refused_with_400_invalid_request() {
+    let s = setup();
+    let resp = HttpRequest::post("/v1/chat/completions")
+        .bearer(&s.key.key)
+        .header("Content-Type", "application/json")
+        .body(r#"{"model": "gpt-x", "messages": [{"#)
+        .send(s.gw.addr);
+    assert_error(&resp, 400, "invalid_request");
+}
+
+#[test]
+fn a_body_without_a_model_is_refused_with_400_invalid_request() {
+    let s = setup();
+    let resp = s.gw.chat(&s.key.key, &json!({"messages": [{"role": "user", "content": "hi"}]}));
+    assert_error(&resp, 400, "invalid_request");
+}
+
+#[test]
+fn a_body_over_the_limit_is_refused_with_413_request_too_large() {
+    let s = setup_with(GatewayOptions::new().env("BURNCLOUD_MAX_BODY_BYTES", 4096));
+    let big = "x".repeat(16 * 1024);
+    let resp =
+        s.gw.chat(&s.key.key, &json!({"model": "gpt-x", "messages": [{"role": "user", "content": big}]}));
+    assert_error(&resp, 413, "request_too_large");
+    assert!(s.mock.requests().is_empty(), "the upstream was called");
+}
+
+#[test]
+fn a_header_over_16_kib_is_refused_with_431() {
+    let s = setup();
+    let resp = HttpRequest::post("/v1/chat/completions")
+        .bearer(&s.key.key)
+        .header("X-Padding", &"p".repeat(17 * 1024))
+        .json(&chat_body("gpt-x"))
+        .send(s.gw.addr);
+    assert_error(&resp, 431, "request_too_large");
+}
+
+#[test]
+fn an_upstream_500_on_every_channel_becomes_502_upstream_error() {
+    let s = setup();
+    let second = Mock::start(&[]);
+    s.gw.create_channel(json!({"base_url": second.base_url(), "models": "gpt-x"}));
+    for m in [&s.mock, &second] {
+        m.behave(json!({"status": 500, "body": {"error": {"message": "down", "type": "server_error"}}}));
+    }
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+
+    assert_error(&resp, 502, "upstream_error");
+    assert_eq!(s.mock.requests().len() + second.requests().len(), 2, "both channels should have been tried");
+}
+
+#[test]
+fn an_upstream_400_is_passed_on_as_400_upstream_error() {
+    let s = setup();
+    s.mock.behave(json!({
+        "status": 400,
+        "body": {"error": {"message": "messages must not be empty", "type": "invalid_request_error"}},
+    }));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+
+    assert_error(&resp, 400, "upstream_error");
+    assert!(resp.json()["error"]["message"].as_str().unwrap().contains("messages must not be empty"));
+}
+
+// ---------------------------------------------------------------- management API
+
+#[test]
+fn management_calls_without_or_with_a_wrong_admin_key_get_401() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let none = HttpRequest::get("/api/channel/").send(gw.addr);
+    let wrong = HttpRequest::get("/api/channel/").bearer("not-the-admin-key-0000000000000").send(gw.addr);
+    let relay_key_shape = HttpRequest::post("/api/user/")
+        .bearer(&format!("{ADMIN_KEY}x"))
+        .json(&json!({"username": "mallory", "password": "password-123"}))
+        .send(gw.addr);
+    for resp in [none, wrong, relay_key_shape] {
+        assert_eq!(resp.status, 401, "{}", resp.text());
+        assert_eq!(resp.json()["success"], false);
+    }
+}
+
+fn assert_refused(resp: &Response) {
+    let v = resp.json();
+    assert_eq!(v["success"], false, "HTTP {}: {v}", resp.status);
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "no message: {v}");
+    assert!(resp.status == 200 || (400..500).contains(&resp.status), "HTTP {}: {v}", resp.status);
+}
+
+#[test]
+fn channels_can_be_listed_with_tag_and_status_filters_and_a_total() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let base = format!("http://127.0.0.1:{}", closed_port());
+    gw.create_channel(json!({"base_url": base, "tag": "alpha"}));
+    gw.create_channel(json!({"base_url": base, "tag": "alpha", "status": 2}));
+    gw.create_channel(json!({"base_url": base, "tag": "beta"}));
+
+    let total = |query: &str| gw.api("GET", &format!("/api/channel/?{query}"), None)["total"].as_i64();
+
+    assert_eq!(total(""), Some(3));
+    assert_eq!(total("tag=alpha"), Some(2));
+    assert_eq!(total("status=2"), Some(1));
+    assert_eq!(total("tag=alpha&status=1"), Some(1));
+    let page = gw.api("GET", "/api/channel/?page=2&page_size=2", None);
+    assert_eq!((page["items"].as_array().map(Vec::len), page["total"].as_i64()), (Some(1), Some(3)));
+}
+
+#[test]
+fn a_channel_can_be_read_updated_in_part_and_deleted() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let base = format!("http://127.0.0.1:{}", closed_port());
+    let id = gw.create_channel(json!({"name": "primary", "base_url": base, "models": "a,b", "priority": 3}));
+
+    let read = gw.api("GET", &format!("/api/channel/{id}"), None);
+    assert_eq!(
+        (read["name"].as_str(), read["type"].as_str(), read["priority"].as_i64()),
+        (Some("primary"), Some("openai"), Some(3))
+    );
+    assert_ne!(read["key"], CHANNEL_KEY, "the upstream key is shown unmasked");
+
+    let updated = gw.api("PUT", &format!("/api/channel/{id}"), Some(&json!({"priority": 7, "tag": "moved"})));
+    assert_eq!((updated["name"].as_str(), updated["priority"].as_i64()), (Some("primary"), Some(7)));
+    assert_eq!(gw.api("GET", &format!("/api/channel/{id}"), None)["tag"], "moved");
+
+    gw.api("DELETE", &format!("/api/channel/{id}"), None);
+    let gone = gw.admin("GET", &format!("/api/channel/{id}"), None);
+    assert_refused(&gone);
+    assert_eq!(gw.api("GET", "/api/channel/", None)["total"], 0);
+}
+
+#[test]
+fn a_channel_with_an_unknown_type_is_refused_with_a_message() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let body = json!({"name": "c", "type": "carrier-pigeon", "base_url": "http://127.0.0.1:9", "key": "k", "models": "m"});
+    let resp = gw.admin("POST", "/api/channel/", Some(&body));
+    assert_refused(&resp);
+    assert_eq!(resp.status, 400);
+    assert_eq!(gw.api("GET", "/api/channel/", None)["total"], 0);
+}
+
+#[test]
+fn a_channel_with_a_bad_base_url_is_refused_with_a_message() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let body = json!({"name": "c", "type": "openai", "base_url": "not a url", "key": "k", "models": "m"});
+    let resp = gw.admin("POST", "/api/channel/", Some(&body));
+    assert_refused(&resp);
+    assert_eq!(resp.status, 400);
+    assert_eq!(gw.api("GET", "/api/channel/", None)["total"], 0);
+}
+
+#[test]
+fn a_user_can_be_created_read_and_updated_and_a_duplicate_name_is_refused() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let id = gw.create_user(json!({"username": "alice", "quota": 1234}));
+
+    let read = gw.api("GET", &format!("/api/user/{id}"), None);
+    assert_eq!((read["username"].as_str(), read["group"].as_str()), (Some("alice"), Some("default")));
+    assert_eq!(
+        (read["quota"].as_i64(), read["used_quota"].as_i64(), read["request_count"].as_i64()),
+        (Some(1234), Some(0), Some(0))
+    );
+    assert!(
+        read.get("password").is_none() && read.get("password_hash").is_none(),
+        "password exposed: {read}"
+    );
+
+    let updated = gw.api("PUT", &format!("/api/user/{id}"), Some(&json!({"group": "vip"})));
+    assert_eq!((updated["group"].as_str(), updated["quota"].as_i64()), (Some("vip"), Some(1234)));
+
+    let dup =
+        gw.admin("POST", "/api/user/", Some(&json!({"username": "alice", "password": "another-pass-1"})));
+    assert_refused(&dup);
+}
+
+#[test]
+fn a_topup_grows_the_users_quota_and_writes_a_topup_log() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let id = gw.create_user(json!({"quota": 1000}));
+
+    let after = gw.api("POST", &format!("/api/user/{id}/topup"), Some(&json!({"quota": 500})));
+
+    assert_eq!(after["quota"], 1500);
+    assert_eq!(gw.api("GET", &format!("/api/user/{id}"), None)["quota"], 1500);
+    let topups = gw.logs(&format!("type=1&user_id={id}"));
+    assert_eq!(topups.len(), 1, "{topups:?}");
+    assert_eq!(topups[0]["quota"], 500, "{topups:?}");
+}
+
+#[test]
+fn a_relayed_request_is_charged_to_the_users_quota() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
+    s.mock.behave(json!({"prompt_tokens": 40, "completion_tokens": 10}));
+    let before = s.gw.api("GET", &format!("/api/user/{}", s.user), None);
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let cost = s.gw.consume_log(&request_id(&resp))["quota"].as_i64().unwrap();
+    assert_eq!(cost, 50);
+    let after = s.gw.api("GET", &format!("/api/user/{}", s.user), None);
+    assert_eq!(after["quota"].as_i64(), before["quota"].as_i64().map(|q| q - cost), "user: {after}");
+    assert_eq!(
+        (after["used_quota"].as_i64(), after["request_count"].as_i64()),
+        (Some(cost), Some(1)),
+        "user: {after}"
+    );
+}
+
+#[test]
+fn a_token_is_shown_masked_after_creation_and_can_be_updated() {
+    let gw = Gateway::start(GatewayOptions::new());
+    let user = gw.create_user(json!({}));
+    let key = gw.create_token(user, json!({"name": "ci", "remain_quota": 100, "unlimited_quota": false}));
+
+    let read = gw.api("GET", &format!("/api/token/{}", key.id), None);
+    let shown = read["key"].as_str().unwrap_or_default();
+    assert!(
+        !shown.is_empty() && shown != key.key && !shown.contains(&key.key[3..]),
+        "key not masked: {shown}"
+    );
+    assert_eq!((read["name"].as_str(), read["remain_quota"].as_i64()), (Some("ci"), Some(100)));
+
+    let updated =
+        gw.api("PUT", &format!("/api/token/{}", key.id), Some(&json!({"name": "cd", "remain_quota": 50})));
+    assert_eq!((updated["name"].as_str(), updated["remain_quota"].as_i64()), (Some("cd"), Some(50)));
+    assert_ne!(updated["key"].as_str(), Some(key.key.as_str()), "update shows the full key");
+}
+
+#[test]
+fn a_deleted_key_is_refused_at_once_with_401() {
+    let s = setup();
+    for _ in 0..4 {
+        assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200, "before deleting");
+    }
+
+    s.gw.api("DELETE", &format!("/api/token/{}", s.key.id), None);
+
+    assert_refused(&s.gw.admin("GET", &format!("/api/token/{}", s.key.id), None));
+    for _ in 0..4 {
+        assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-x")), 401, "invalid_api_key");
+    }
+}
+
+#[test]
+fn logs_can_be_filtered_by_user_key_model_and_type() {
+    let s = setup();
+    let other_user = s.gw.create_user(json!({}));
+    let other_key = s.gw.create_token(other_user, json!({}));
+    for _ in 0..2 {
+        assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200);
+    }
+    assert_eq!(s.gw.chat(&other_key.key, &chat_body("text-x")).status, 200);
+    s.gw.api("POST", &format!("/api/user/{}/topup", s.user), Some(&json!({"quota": 10})));
+
+    let count = |q: &str| s.gw.log_page(q).1;
+
+    assert_eq!(count("type=2"), 3);
+    assert_eq!(count(&format!("type=2&user_id={}", s.user)), 2);
+    assert_eq!(count(&format!("token_id={}", other_key.id)), 1);
+    assert_eq!(count("model=text-x"), 1);
+    assert_eq!(count(&format!("type=1&user_id={}", s.user)), 1);
+    assert_eq!(count(&format!("type=1&user_id={other_user}")), 0);
+}
+
+// ---------------------------------------------------------------- upstream faults
+
+#[test]
+fn a_mid_stream_upstream_disconnect_ends_the_client_stream_and_the_gateway_stays_healthy() {
+    let s = setup();
+    s.mock.behave(json!({"chunks": 6, "chunk_gap_ms": 20, "fault": "disconnect_mid_stream", "fault_after_chunks": 2, "times": 1}));
+
+    let started = Instant::now();
+    let mut stream = HttpRequest::post("/v1/chat/completions")
+        .bearer(&s.key.key)
+        .json(&stream_body("gpt-x"))
+        .open(s.gw.addr)
+        .unwrap();
+    assert_eq!(stream.status, 200);
+    let mut events = Vec::new();
+    // The stream ends either cleanly (an error event) or by a closed connection; it must not hang.
+    while let Ok(Some(ev)) = stream.next_event() {
+        events.push(ev);
+    }
+    assert!(started.elapsed() < WAIT, "the client stream hung");
+    assert!(!events.iter().any(|e| e == "[DONE]"), "a broken stream ended as if complete: {events:?}");
+
+    let health = HttpRequest::get("/healthz").send(s.gw.addr);
+    assert_eq!(health.status, 200);
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200, "the gateway did not recover");
+}
+
+#[test]
+fn a_garbage_upstream_body_fails_over_to_another_channel() {
+    let f = failover_setup(json!({"fault": "garbage_body"}));
+
+    let resp = f.s.gw.chat(&f.s.key.key, &chat_body("gpt-f"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert!(content(&resp.json()).starts_with("Hello"), "{}", resp.text());
+    assert_eq!(f.s.gw.consume_log(&request_id(&resp))["channel_id"], f.channel_b);
+}
+
+#[test]
+fn a_garbage_upstream_body_on_the_only_channel_becomes_502_upstream_error() {
+    let s = setup();
+    s.mock.behave(json!({"fault": "garbage_body"}));
+    assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-x")), 502, "upstream_error");
+}
+
+#[test]
+fn an_upstream_closing_before_responding_fails_over_to_another_channel() {
+    let f = failover_setup(json!({"fault": "close_before_response"}));
+
+    let resp = f.s.gw.chat(&f.s.key.key, &chat_body("gpt-f"));
+
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(f.s.gw.consume_log(&request_id(&resp))["channel_id"], f.channel_b);
+}
+
+#[test]
+fn an_upstream_closing_before_responding_on_the_only_channel_becomes_502_upstream_error() {
+    let s = setup();
+    s.mock.behave(json!({"fault": "close_before_response"}));
+    assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-x")), 502, "upstream_error");
+}
+
+#[test]
+fn an_upstream_slower_than_the_first_byte_timeout_becomes_502_upstream_error() {
+    let s = setup_with(GatewayOptions::new().env("BURNCLOUD_UPSTREAM_FIRST_BYTE_TIMEOUT_MS", 300));
+    s.mock.behave(json!({"fault": "slow_headers", "latency_ms": 5000}));
+
+    let started = Instant::now();
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+
+    assert_error(&resp, 502, "upstream_error");
+    assert!(started.elapsed() < Duration::from_secs(4), "answered after {:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------- process lifecycle
+
+#[test]
+fn sigterm_under_load_exits_0_and_loses_no_consume_log() {
+    let mut s = setup_with(GatewayOptions::new().env("BURNCLOUD_DRAIN_TIMEOUT_MS", 10_000));
+    s.mock.behave(json!({"latency_ms": 20}));
+    let (addr, key) = (s.gw.addr, s.key.key.clone());
+    let ok = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let (key, ok, answered) = (key.clone(), ok.clone(), answered.clone());
+            std::thread::spawn(move || {
+                let mut other_statuses = Vec::new();
+                for _ in 0..(200 / 16 + usize::from(i < 200 % 16)) {
+                    let req =
+                        HttpRequest::post("/v1/chat/completions").bearer(&key).json(&chat_body("gpt-x"));
+                    match req.try_send(addr) {
+                        Ok(r) if r.status == 200 => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                            other_statuses.push(r.status);
+                        }
+                        Err(_) => {} // refused or reset once the gateway stopped accepting
+                    }
+                }
+                other_statuses
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while answered.load(Ordering::SeqCst) < 40 && Instant::now() < deadline {
+        pause(Duration::from_millis(2));
+    }
+    let status = s.gw.terminate();
+    let other: Vec<u16> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+
+    assert!(status.success(), "the gateway exited with {status:?}");
+    let ok = ok.load(Ordering::SeqCst);
+    assert!(ok >= 40, "only {ok} requests succeeded before the stop");
+    assert!(ok < 200, "every request succeeded: the stop did not land while requests were running");
+    let restarted = Gateway::start(GatewayOptions::new().database(&s.gw.database()));
+    let logged = restarted.log_page("type=2&page_size=1").1;
+    assert_eq!(
+        logged, ok as i64,
+        "{ok} clients got 200 but {logged} consume logs were kept (other answers: {other:?})"
+    );
+}
+
+#[test]
+fn channels_users_and_keys_survive_a_restart_on_the_same_database() {
+    let mut s = setup();
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200);
+    assert!(s.gw.terminate().success());
+
+    let gw = Gateway::start(GatewayOptions::new().database(&s.gw.database()));
+
+    let resp = gw.chat(&s.key.key, &chat_body("gpt-x"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(gw.consume_log(&request_id(&resp))["channel_id"], s.channel);
+    assert_eq!(gw.log_page("type=2").1, 2, "the log written before the restart is gone");
+}
+
+// ---------------------------------------------------------------- official SDK
+
+fn python() -> std::path::PathBuf {
+    match std::env::var_os("BURNCLOUD_TEST_PYTHON") {
+        Some(p) if !p.is_empty() => p.into(),
+        _ => workspace_dir().join(".venv/bin/python"),
+    }
+}
+
+#[test]
+fn the_openai_python_sdk_works_against_the_gateway() {
+    let python = python();
+    let has_sdk =
+        Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if !has_sdk && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!("skipped: {} cannot import openai (CI would run this test)", python.display());
+        return;
+    }
+    let s = setup();
+    s.mock.behave(json!({"prompt_tokens": 21, "completion_tokens": 8, "chunks": 3}));
+    let script = workspace_dir().join("tests/python/test_openai_sdk.py");
+
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("OPENAI_BASE_URL", format!("{}/v1", s.gw.base_url()))
+        .env("OPENAI_API_KEY", &s.key.key)
+        .env("BURNCLOUD_TEST_MODEL", "gpt-x")
+        .env("BURNCLOUD_TEST_EMBEDDING_MODEL", "embed-x")
+        .env("BURNCLOUD_TEST_PROMPT_TOKENS", "21")
+        .env("BURNCLOUD_TEST_COMPLETION_TOKENS", "8")
+        .output()
+        .unwrap_or_else(|e| panic!("running {} {}: {e}", python.display(), script.display()));
+
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the SDK script failed ({:?})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert_eq!(s.gw.log_page("type=2&model=gpt-x").1, 2, "chat calls not logged\n{stdout}");
+}
