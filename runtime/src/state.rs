@@ -116,12 +116,15 @@ pub struct Caller {
     pub user: User,
 }
 
+/// A key-cache entry: the caller (or `None` for an unknown key) and when it was read.
+type CachedCaller = (Option<Arc<Caller>>, Instant);
+
 /// A worker's own state.
 pub struct Worker {
     pub index: usize,
     pub shared: Arc<Shared>,
     pub client: Client,
-    auth_cache: RefCell<HashMap<String, (Option<Arc<Caller>>, Instant)>>,
+    auth_cache: RefCell<HashMap<String, CachedCaller>>,
     auth_epoch_seen: Cell<u64>,
     pub rng: RefCell<fastrand::Rng>,
     request_counter: Cell<u64>,

@@ -19,6 +19,9 @@ use serde_json::{Value, json};
 const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
 const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence."}]}"#;
 
+/// One wrk run and the system's CPU µs per request during it.
+type Sample = (WrkResult, Option<f64>);
+
 struct Options {
     duration: Duration,
     connections: u32,
@@ -146,7 +149,7 @@ fn run(o: &Options) -> Result<(), String> {
         systems.insert("nginx".into(), json!({"error": e}));
     }
     let idle_rss: BTreeMap<&str, Option<u64>> = targets.iter().map(|(n, _, pid)| (*n, pid.and_then(procs::rss_kib))).collect();
-    let mut samples: BTreeMap<&str, Vec<(WrkResult, Option<f64>)>> = BTreeMap::new();
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let threads = 1;
     // Warm-up, then alternate systems round by round.
     for (_, url, _) in &targets {
@@ -171,7 +174,7 @@ fn run(o: &Options) -> Result<(), String> {
     }
     for (name, runs) in &samples {
         let n = runs.len() as f64;
-        let avg = |f: &dyn Fn(&(WrkResult, Option<f64>)) -> f64| runs.iter().map(f).sum::<f64>() / n;
+        let avg = |f: &dyn Fn(&Sample) -> f64| runs.iter().map(f).sum::<f64>() / n;
         let load_rss = targets.iter().find(|t| t.0 == *name).and_then(|t| t.2).and_then(procs::rss_kib);
         systems.insert(
             name.to_string(),

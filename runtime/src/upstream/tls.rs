@@ -55,13 +55,8 @@ impl TlsStream {
         let mut tls = TlsStream { tcp, session, incoming: BytesMut::new() };
         while tls.session.is_handshaking() {
             tls.flush_records().await?;
-            if tls.session.wants_read() && tls.session.is_handshaking() {
-                if tls.read_records().await? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "TLS handshake: connection closed",
-                    ));
-                }
+            if tls.session.wants_read() && tls.session.is_handshaking() && tls.read_records().await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "TLS handshake: connection closed"));
             }
         }
         tls.flush_records().await?;
