@@ -184,7 +184,9 @@ impl Settings {
 /// the URL, so instances of different databases never share one. Instances sharing a database and a
 /// working directory must set `BURNCLOUD_SPILL_PATH` each.
 fn default_spill_path(database_url: &str) -> PathBuf {
-    if let Some(path) = database_url.strip_prefix("sqlite://").or_else(|| database_url.strip_prefix("sqlite:")) {
+    if let Some(path) =
+        database_url.strip_prefix("sqlite://").or_else(|| database_url.strip_prefix("sqlite:"))
+    {
         let file = path.split('?').next().unwrap_or(path);
         if !file.is_empty() && !file.contains(":memory:") {
             return PathBuf::from(format!("{file}.spill.jsonl"));

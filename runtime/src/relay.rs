@@ -1,11 +1,13 @@
 //! The relay pipeline: one client request from authentication to settlement, as named steps.
 //!
 //! 1. [`authenticate`] the key (worker cache, then the storage thread);
-//! 2. [`decode`] only what routing and billing need from the body;
+//! 2. [`decode`] only what routing and billing need from the body (and, for Gemini, the URL);
 //! 3. [`authorize`] the model and the client's address for this key;
 //! 4. [`route`] to a channel: priority tiers, weighted pick, never a channel twice;
-//! 5. [`forward`] over the worker's pooled upstream connection, failing over on retryable errors;
-//! 6. respond: [`respond_full`] or [`respond_stream`] (SSE forwarded chunk by chunk, usage collected);
+//! 5. [`forward`] over the worker's pooled upstream connection in the channel's protocol (converting
+//!    the body when client and channel speak different protocols), failing over on retryable errors;
+//! 6. respond: [`respond_full`] or [`respond_stream`] (SSE converted and forwarded chunk by chunk,
+//!    usage collected), always in the client's protocol;
 //! 7. [`settle`]: price the usage and hand one consume event to the storage thread.
 //!
 //! Never blocks and never waits on a database write: the only awaits are the client socket, the
@@ -15,14 +17,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burncloud_adaptors::Usage;
-use burncloud_adaptors::openai::{self, RequestInfo};
-use burncloud_adaptors::sse::SseDecoder;
+use burncloud_adaptors::openai;
+use burncloud_adaptors::{RequestOptions, ResponseMeta, StreamConverter, Usage};
 use burncloud_core::error::Protocol;
-use burncloud_core::model::{self, Channel, LogEntry, STATUS_ENABLED};
+use burncloud_core::model::{self, Channel, ChannelType, LogEntry, STATUS_ENABLED};
 use burncloud_core::{ErrorKind, GatewayError, apikey};
 use burncloud_storage::ConsumeEvent;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::http::{Request, Responder};
 use crate::state::{Caller, Worker, unix_now};
@@ -31,31 +32,80 @@ use crate::upstream::{Origin, UpstreamError, UpstreamRequest, UpstreamResponse};
 /// Largest upstream response body read into memory (non-stream).
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
 
-/// Which OpenAI endpoint a request is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the client called.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    ChatCompletions,
+    /// A chat request in the client's protocol: `/v1/chat/completions`, `/v1/messages`, or Gemini's
+    /// `models/{model}:generateContent` (model and stream flag from the URL).
+    Chat(Protocol),
+    Gemini {
+        model: String,
+        stream: bool,
+    },
     Completions,
     Embeddings,
 }
 
 impl Endpoint {
+    /// The relay endpoint for a POST to `path`, if it is one.
     pub fn from_path(path: &str) -> Option<Endpoint> {
         match path {
-            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
-            "/v1/completions" => Some(Endpoint::Completions),
-            "/v1/embeddings" => Some(Endpoint::Embeddings),
-            _ => None,
+            "/v1/chat/completions" => return Some(Endpoint::Chat(Protocol::OpenAi)),
+            "/v1/messages" => return Some(Endpoint::Chat(Protocol::Anthropic)),
+            "/v1/completions" => return Some(Endpoint::Completions),
+            "/v1/embeddings" => return Some(Endpoint::Embeddings),
+            _ => {}
+        }
+        let rest = path.strip_prefix("/v1beta/models/").or_else(|| path.strip_prefix("/v1/models/"))?;
+        let (model, method) = rest.rsplit_once(':')?;
+        let stream = match method {
+            "generateContent" => false,
+            "streamGenerateContent" => true,
+            _ => return None,
+        };
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        if model.is_empty() || model.contains('/') {
+            return None;
+        }
+        Some(Endpoint::Gemini { model: model.to_string(), stream })
+    }
+
+    /// The protocol the client speaks, and its errors are rendered in.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Endpoint::Chat(p) => *p,
+            Endpoint::Gemini { .. } => Protocol::Gemini,
+            Endpoint::Completions | Endpoint::Embeddings => Protocol::OpenAi,
         }
     }
 
-    fn upstream_path(self) -> &'static str {
+    /// Whether a channel of `kind` can serve this endpoint (chat converts between protocols; the
+    /// legacy completions and embeddings endpoints exist only in OpenAI's protocol).
+    fn served_by(&self, kind: ChannelType) -> bool {
         match self {
-            Endpoint::ChatCompletions => "/v1/chat/completions",
-            Endpoint::Completions => "/v1/completions",
-            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Chat(_) | Endpoint::Gemini { .. } => true,
+            Endpoint::Completions | Endpoint::Embeddings => kind == ChannelType::OpenAi,
         }
     }
+}
+
+/// The protocol a channel speaks.
+fn channel_protocol(kind: ChannelType) -> Protocol {
+    match kind {
+        ChannelType::OpenAi => Protocol::OpenAi,
+        ChannelType::Anthropic => Protocol::Anthropic,
+        ChannelType::Gemini => Protocol::Gemini,
+    }
+}
+
+/// The routing fields of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestInfo {
+    /// The model the client asked for: priced and logged by this name.
+    pub model: String,
+    pub stream: bool,
+    /// OpenAI's `stream_options.include_usage` as the client sent it.
+    pub include_usage: bool,
 }
 
 /// Per-request bookkeeping carried through the steps.
@@ -99,26 +149,26 @@ pub async fn respond_error(
     let _ = resp.send(err.status(), &headers, Bytes::from(err.render(protocol))).await;
 }
 
-/// The whole relay for one OpenAI-format request.
-pub async fn relay_openai(worker: &Worker, endpoint: Endpoint, req: Request, resp: &mut Responder<'_>) {
+/// The whole relay for one request, in any client protocol.
+pub async fn relay(worker: &Worker, endpoint: Endpoint, req: Request, resp: &mut Responder<'_>) {
     let mut ctx = RequestCtx::new(worker, &req);
-    if let Err(err) = relay_steps(worker, endpoint, &req, resp, &mut ctx).await {
+    if let Err(err) = relay_steps(worker, &endpoint, &req, resp, &mut ctx).await {
         if err.origin == burncloud_core::ErrorSource::Internal {
             tracing::error!(request_id = %ctx.id, error = %err, "request failed inside the gateway");
         }
-        respond_error(&ctx, resp, &err, Protocol::OpenAi).await;
+        respond_error(&ctx, resp, &err, endpoint.protocol()).await;
     }
 }
 
 async fn relay_steps(
     worker: &Worker,
-    endpoint: Endpoint,
+    endpoint: &Endpoint,
     req: &Request,
     resp: &mut Responder<'_>,
     ctx: &mut RequestCtx,
 ) -> Result<(), GatewayError> {
     let caller = authenticate(worker, req).await?;
-    let info = decode(&req.body)?;
+    let info = decode(endpoint, &req.body)?;
     let group = effective_group(&caller);
     authorize(&caller, &info.model, req.peer.ip())?;
     let snapshot = worker.shared.snapshot.load_full();
@@ -134,15 +184,25 @@ async fn relay_steps(
     while tried.len() < attempts {
         let Some(channel) = route(worker, &snapshot, group, &info.model, &tried) else { break };
         tried.push(channel.id);
+        if !endpoint.served_by(channel.kind) {
+            last_err = Some(GatewayError::upstream(
+                502,
+                true,
+                format!("channel {} ({}) cannot serve this endpoint", channel.id, channel.kind.as_str()),
+            ));
+            continue;
+        }
         let started = Instant::now();
-        let outcome = forward(worker, &channel, endpoint, &info, &req.body).await;
+        let outcome = forward(worker, &channel, endpoint, &info, &req.body, ctx).await;
         ctx.upstream_wait += started.elapsed();
         match outcome {
-            Ok(upstream) => {
-                let usage = if info.stream && upstream.status == 200 {
-                    respond_stream(worker, ctx, resp, upstream).await
-                } else {
-                    respond_full(ctx, resp, upstream).await?
+            Ok(answer) => {
+                let usage = match answer {
+                    Answer::Complete(full) => respond_full(ctx, resp, full).await,
+                    Answer::Stream(stream) => {
+                        let (upstream, converter) = *stream;
+                        respond_stream(worker, ctx, resp, upstream, converter, endpoint.protocol()).await
+                    }
                 };
                 settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
                 return Ok(());
@@ -216,9 +276,18 @@ fn presented_key(req: &Request) -> Option<String> {
     req.query_param("key").filter(|k| !k.is_empty())
 }
 
-/// Step 2: the routing fields of the body.
-pub fn decode(body: &[u8]) -> Result<RequestInfo, GatewayError> {
-    openai::request_info(body).map_err(|e| GatewayError::client(ErrorKind::InvalidRequest, e.to_string()))
+/// Step 2: the routing fields of the body (OpenAI and Anthropic bodies name the model and the stream
+/// flag alike; Gemini puts both in the URL).
+pub fn decode(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, GatewayError> {
+    let invalid = |m: String| GatewayError::client(ErrorKind::InvalidRequest, m);
+    if let Endpoint::Gemini { model, stream } = endpoint {
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+        return Ok(RequestInfo { model: model.clone(), stream: *stream, include_usage: false });
+    }
+    let info = openai::request_info(body).map_err(|e| invalid(e.to_string()))?;
+    let stream = info.stream && !matches!(endpoint, Endpoint::Embeddings);
+    Ok(RequestInfo { model: info.model, stream, include_usage: info.include_usage })
 }
 
 /// The group a caller's requests are routed and priced in: the key's, else the user's.
@@ -284,37 +353,122 @@ pub fn route(
     snapshot.channels.get(&id).cloned()
 }
 
-/// Step 5: one attempt on one channel. Returns the response once its head has arrived; failures say
-/// whether the next channel may be tried.
+/// What an attempt produced: a complete body already in the client's protocol, or a stream to convert
+/// as it arrives.
+pub enum Answer {
+    Complete(FullAnswer),
+    Stream(Box<(UpstreamResponse, StreamConverter)>),
+}
+
+pub struct FullAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+}
+
+/// `max_tokens` sent to Anthropic upstreams when the client gave none.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// Step 5: one attempt on one channel, in the channel's protocol. A complete answer is read and
+/// checked here, so a broken body still fails over; a stream is returned once its head has arrived.
 pub async fn forward(
     worker: &Worker,
     channel: &Channel,
-    endpoint: Endpoint,
+    endpoint: &Endpoint,
     info: &RequestInfo,
     body: &Bytes,
-) -> Result<UpstreamResponse, GatewayError> {
+    ctx: &RequestCtx,
+) -> Result<Answer, GatewayError> {
     let origin =
         Origin::parse(&channel.base_url).map_err(|e| GatewayError::upstream(502, true, e.to_string()))?;
+    let client = endpoint.protocol();
+    let upstream = channel_protocol(channel.kind);
     let upstream_model = channel.upstream_model(&info.model);
-    let body = if upstream_model != info.model {
-        openai::with_model(body, upstream_model)
-            .map_err(|e| GatewayError::client(ErrorKind::InvalidRequest, e.to_string()))?
-    } else {
-        body.clone()
-    };
+    let (body, path, stream) = upstream_body(endpoint, client, upstream, upstream_model, info, body)?;
     let auth = format!("Bearer {}", channel.key);
-    let accept = if info.stream { "text/event-stream" } else { "application/json" };
-    let headers =
-        [("Authorization", auth.as_str()), ("Content-Type", "application/json"), ("Accept", accept)];
-    let request = UpstreamRequest { method: "POST", path: endpoint.upstream_path(), headers: &headers, body };
-    let mut upstream = worker.client.send(&origin, &request).await.map_err(upstream_failure)?;
-    if upstream.status == 200 {
-        return Ok(upstream);
+    let accept = if stream { "text/event-stream" } else { "application/json" };
+    let mut headers = vec![("Content-Type", "application/json"), ("Accept", accept)];
+    match upstream {
+        Protocol::OpenAi => headers.push(("Authorization", auth.as_str())),
+        Protocol::Anthropic => {
+            headers.push(("x-api-key", channel.key.as_str()));
+            headers.push(("anthropic-version", "2023-06-01"));
+        }
+        Protocol::Gemini => headers.push(("x-goog-api-key", channel.key.as_str())),
     }
-    let status = upstream.status;
-    let body = upstream.read_to_end(1024 * 1024).await.unwrap_or_default();
-    let message = upstream_message(&body).unwrap_or_else(|| format!("upstream answered HTTP {status}"));
-    Err(GatewayError::upstream(status, retryable_status(status), message))
+    let request = UpstreamRequest { method: "POST", path: &path, headers: &headers, body };
+    let mut response = worker.client.send(&origin, &request).await.map_err(upstream_failure)?;
+    let status = response.status;
+    if status != 200 {
+        let body = response.read_to_end(1024 * 1024).await.unwrap_or_default();
+        let message = burncloud_adaptors::upstream_error_message(upstream, &body)
+            .map(|m| format!("upstream error: {m}"))
+            .unwrap_or_else(|| format!("upstream answered HTTP {status}"));
+        return Err(GatewayError::upstream(status, retryable_status(status), message));
+    }
+    let created = u64::try_from(unix_now()).unwrap_or(0);
+    let meta = ResponseMeta { model: &info.model, id: &ctx.id, created };
+    if stream {
+        let converter = StreamConverter::new(upstream, client, &meta, info.include_usage);
+        return Ok(Answer::Stream(Box::new((response, converter))));
+    }
+    let raw = response.read_to_end(MAX_UPSTREAM_BODY).await.map_err(upstream_failure)?;
+    let broken =
+        |e: String| GatewayError::upstream(502, true, format!("upstream sent an unusable body: {e}"));
+    if client == upstream {
+        serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map_err(|e| broken(e.to_string()))?;
+        let usage = burncloud_adaptors::response_usage(upstream, &raw);
+        let content_type = response.header("content-type").unwrap_or("application/json").to_string();
+        return Ok(Answer::Complete(FullAnswer { status, content_type, body: raw, usage }));
+    }
+    let converted = burncloud_adaptors::convert_response(upstream, client, &raw, &meta)
+        .map_err(|e| broken(e.to_string()))?;
+    Ok(Answer::Complete(FullAnswer {
+        status,
+        content_type: "application/json".into(),
+        body: converted.body,
+        usage: converted.usage,
+    }))
+}
+
+/// The body, path and stream flag of the upstream request. Same protocol: the client's bytes, with
+/// only `model` rewritten when the channel maps it. Different protocols: converted.
+fn upstream_body(
+    endpoint: &Endpoint,
+    client: Protocol,
+    upstream: Protocol,
+    upstream_model: &str,
+    info: &RequestInfo,
+    body: &Bytes,
+) -> Result<(Bytes, String, bool), GatewayError> {
+    let invalid = |e: String| GatewayError::client(ErrorKind::InvalidRequest, e);
+    let rewrite = |body: &Bytes| -> Result<Bytes, GatewayError> {
+        if upstream_model == info.model {
+            Ok(body.clone())
+        } else {
+            openai::with_model(body, upstream_model).map_err(|e| invalid(e.to_string()))
+        }
+    };
+    match endpoint {
+        Endpoint::Completions => Ok((rewrite(body)?, "/v1/completions".into(), info.stream)),
+        Endpoint::Embeddings => Ok((rewrite(body)?, "/v1/embeddings".into(), false)),
+        Endpoint::Chat(_) | Endpoint::Gemini { .. } if client == upstream => {
+            let body = if client == Protocol::Gemini { body.clone() } else { rewrite(body)? };
+            Ok((body, burncloud_adaptors::upstream_path(upstream, upstream_model, info.stream), info.stream))
+        }
+        Endpoint::Chat(_) | Endpoint::Gemini { .. } => {
+            let opts = RequestOptions {
+                default_max_tokens: DEFAULT_MAX_TOKENS,
+                stream: Some(info.stream),
+                ..RequestOptions::default()
+            };
+            let converted =
+                burncloud_adaptors::convert_request(client, upstream, body, upstream_model, &opts)
+                    .map_err(|e| invalid(e.to_string()))?;
+            Ok((converted.body, converted.path, converted.stream))
+        }
+    }
 }
 
 /// Whether an upstream status may succeed on another channel (New API's defaults: 429, 5xx, and
@@ -329,12 +483,6 @@ fn upstream_failure(e: UpstreamError) -> GatewayError {
     GatewayError::upstream(502, true, e.to_string())
 }
 
-fn upstream_message(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let msg = v.get("error")?.get("message")?.as_str()?;
-    Some(format!("upstream error: {msg}"))
-}
-
 fn success_headers<'a>(
     ctx: &'a RequestCtx,
     overhead: &'a str,
@@ -343,66 +491,67 @@ fn success_headers<'a>(
     [("content-type", content_type), ("x-request-id", ctx.id.as_str()), ("x-burncloud-overhead-us", overhead)]
 }
 
-/// Step 6a: a complete response, passed through as received.
-pub async fn respond_full(
-    ctx: &mut RequestCtx,
-    resp: &mut Responder<'_>,
-    mut upstream: UpstreamResponse,
-) -> Result<Option<Usage>, GatewayError> {
-    let started = Instant::now();
-    let body = upstream.read_to_end(MAX_UPSTREAM_BODY).await;
-    ctx.upstream_wait += started.elapsed();
-    let body = body.map_err(|e| GatewayError::upstream(502, false, e.to_string()))?;
-    let usage = openai::response_usage(&body);
-    let content_type = upstream.header("content-type").unwrap_or("application/json").to_string();
+/// Step 6a: a complete response, already in the client's protocol.
+pub async fn respond_full(ctx: &RequestCtx, resp: &mut Responder<'_>, full: FullAnswer) -> Option<Usage> {
     let overhead = ctx.overhead_us().to_string();
-    let _ = resp.send(upstream.status, &success_headers(ctx, &overhead, &content_type), body).await;
-    Ok(usage)
+    let headers = success_headers(ctx, &overhead, &full.content_type);
+    let _ = resp.send(full.status, &headers, full.body).await;
+    full.usage
 }
 
-/// Step 6b: an SSE stream, each upstream chunk written to the client as it arrives. Returns the usage
-/// the upstream reported, if it did before the stream ended.
+/// Step 6b: a stream, each upstream chunk converted to the client's protocol and written as it
+/// arrives. Returns the usage the upstream reported, if it did before the stream ended.
 pub async fn respond_stream(
     worker: &Worker,
     ctx: &mut RequestCtx,
     resp: &mut Responder<'_>,
     mut upstream: UpstreamResponse,
+    mut converter: StreamConverter,
+    client: Protocol,
 ) -> Option<Usage> {
     let overhead = ctx.overhead_us().to_string();
     if resp.start_stream(200, &success_headers(ctx, &overhead, "text/event-stream")).await.is_err() {
         return None;
     }
-    let mut decoder = SseDecoder::new();
-    let mut usage = None;
+    let mut out = BytesMut::new();
     loop {
         let started = Instant::now();
         let chunk = upstream.next_chunk().await;
         ctx.upstream_wait += started.elapsed();
         match chunk {
             Ok(Some(bytes)) => {
-                decoder.feed(&bytes);
-                while let Some(ev) = decoder.next_event() {
-                    if let Some(u) = openai::stream_event_usage(&ev.data) {
-                        usage = Some(u);
-                    }
-                }
-                if resp.send_chunk(bytes).await.is_err() {
+                converter.feed(&bytes, &mut out);
+                if !out.is_empty() && resp.send_chunk(out.split().freeze()).await.is_err() {
                     tracing::info!(request_id = %ctx.id, "client went away mid-stream");
-                    return usage;
+                    return converter.usage();
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                converter.finish(&mut out);
+                break;
+            }
             Err(e) => {
                 tracing::warn!(request_id = %ctx.id, worker = worker.index, error = %e, "upstream stream broke");
                 let err = GatewayError::upstream(502, false, e.to_string());
-                let event = format!("data: {}\n\n", String::from_utf8_lossy(&err.render(Protocol::OpenAi)));
-                let _ = resp.send_chunk(Bytes::from(event)).await;
+                out.extend_from_slice(&stream_error_event(&err, client));
                 break;
             }
         }
     }
+    if !out.is_empty() {
+        let _ = resp.send_chunk(out.freeze()).await;
+    }
     let _ = resp.finish_stream().await;
-    usage
+    converter.usage()
+}
+
+/// The event that tells a streaming client the upstream broke, in its protocol.
+fn stream_error_event(err: &GatewayError, client: Protocol) -> Vec<u8> {
+    let body = String::from_utf8_lossy(&err.render(client)).into_owned();
+    match client {
+        Protocol::Anthropic => format!("event: error\ndata: {body}\n\n").into_bytes(),
+        Protocol::OpenAi | Protocol::Gemini => format!("data: {body}\n\n").into_bytes(),
+    }
 }
 
 /// Step 7: price the usage and send the consume event to the storage thread (never awaited).
@@ -464,9 +613,22 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_map_to_upstream_paths() {
+    fn endpoints_are_recognised_by_path() {
         assert_eq!(Endpoint::from_path("/v1/embeddings"), Some(Endpoint::Embeddings));
-        assert_eq!(Endpoint::from_path("/v1/other"), None);
+        assert_eq!(Endpoint::from_path("/v1/messages"), Some(Endpoint::Chat(Protocol::Anthropic)));
+        assert_eq!(
+            Endpoint::from_path("/v1beta/models/gemini-2.0-flash:streamGenerateContent"),
+            Some(Endpoint::Gemini { model: "gemini-2.0-flash".into(), stream: true })
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/models/g:generateContent"),
+            Some(Endpoint::Gemini { model: "g".into(), stream: false })
+        );
+        for bad in
+            ["/v1/other", "/v1beta/models/:generateContent", "/v1beta/models/g:countTokens", "/v1/models"]
+        {
+            assert_eq!(Endpoint::from_path(bad), None, "{bad}");
+        }
     }
 
     #[test]

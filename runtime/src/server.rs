@@ -263,27 +263,35 @@ impl Service for Worker {
             let _ = resp.send(200, &[("content-type", "application/json")], Bytes::from(body)).await;
         } else if let Some(endpoint) = Endpoint::from_path(path) {
             if method == "POST" {
-                relay::relay_openai(self, endpoint, req, resp).await;
+                relay::relay(self, endpoint, req, resp).await;
             } else {
-                refuse(self, &req, resp, ErrorKind::MethodNotAllowed, format!("{path} accepts POST only"))
-                    .await;
+                let msg = format!("{path} accepts POST only");
+                refuse(self, &req, resp, endpoint.protocol(), ErrorKind::MethodNotAllowed, msg).await;
             }
         } else if path == "/v1/models" {
             if method == "GET" {
                 models::list(self, req, resp).await;
             } else {
-                refuse(self, &req, resp, ErrorKind::MethodNotAllowed, "/v1/models accepts GET only".into())
-                    .await;
+                let msg = "/v1/models accepts GET only".to_string();
+                refuse(self, &req, resp, Protocol::OpenAi, ErrorKind::MethodNotAllowed, msg).await;
             }
         } else if path == "/api" || path.starts_with("/api/") {
             admin::handle(self, req, resp).await;
         } else {
-            refuse(self, &req, resp, ErrorKind::NotFound, format!("no route for {method} {path}")).await;
+            let msg = format!("no route for {method} {path}");
+            refuse(self, &req, resp, Protocol::OpenAi, ErrorKind::NotFound, msg).await;
         }
     }
 }
 
-async fn refuse(worker: &Worker, req: &Request, resp: &mut Responder<'_>, kind: ErrorKind, msg: String) {
+async fn refuse(
+    worker: &Worker,
+    req: &Request,
+    resp: &mut Responder<'_>,
+    protocol: Protocol,
+    kind: ErrorKind,
+    msg: String,
+) {
     let ctx = RequestCtx::new(worker, req);
-    relay::respond_error(&ctx, resp, &GatewayError::client(kind, msg), Protocol::OpenAi).await;
+    relay::respond_error(&ctx, resp, &GatewayError::client(kind, msg), protocol).await;
 }
