@@ -14,9 +14,16 @@ pub struct Proc {
 impl Proc {
     /// Starts `cmd` and waits until it prints a line starting with `ready_prefix` on stdout; returns
     /// the rest of that line (e.g. the bound address).
-    pub fn start_with_line(name: &str, mut cmd: Command, ready_prefix: &str) -> Result<(Proc, String), String> {
-        let mut child =
-            cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().map_err(|e| format!("start {name}: {e}"))?;
+    pub fn start_with_line(
+        name: &str,
+        mut cmd: Command,
+        ready_prefix: &str,
+    ) -> Result<(Proc, String), String> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("start {name}: {e}"))?;
         let stdout = child.stdout.take().ok_or_else(|| format!("{name}: no stdout"))?;
         let (tx, rx) = std::sync::mpsc::channel();
         let prefix = ready_prefix.to_string();
@@ -30,13 +37,18 @@ impl Proc {
             }
         });
         let proc = Proc { name: name.to_string(), child };
-        let rest = rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("{name} did not become ready"))?;
+        let rest =
+            rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("{name} did not become ready"))?;
         Ok((proc, rest))
     }
 
     /// Starts `cmd` and waits until `addr` accepts TCP connections.
     pub fn start_listening(name: &str, mut cmd: Command, addr: &str) -> Result<Proc, String> {
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().map_err(|e| format!("start {name}: {e}"))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("start {name}: {e}"))?;
         let proc = Proc { name: name.to_string(), child };
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(addr).is_err() {
@@ -119,7 +131,10 @@ pub fn cpu_us(pid: u32) -> Option<u64> {
 /// Resident set size in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// A free loopback port.

@@ -15,7 +15,11 @@ pub struct WrkResult {
 }
 
 /// Writes the Lua script that makes wrk POST `body` with `headers`.
-pub fn script(dir: &std::path::Path, body: &str, headers: &[(&str, &str)]) -> Result<std::path::PathBuf, String> {
+pub fn script(
+    dir: &std::path::Path,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Result<std::path::PathBuf, String> {
     let mut lua = String::from("wrk.method = \"POST\"\n");
     lua.push_str(&format!("wrk.body = {}\n", lua_string(body)));
     for (k, v) in headers {

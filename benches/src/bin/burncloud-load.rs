@@ -17,7 +17,8 @@ use burncloud_benches::wrk::{self, WrkResult};
 use serde_json::{Value, json};
 
 const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
-const BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence."}]}"#;
+const BODY: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence."}]}"#;
 
 /// One wrk run and the system's CPU µs per request during it.
 type Sample = (WrkResult, Option<f64>);
@@ -55,7 +56,9 @@ fn parse_args() -> Result<Options, String> {
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
         match a.as_str() {
-            "--duration" => o.duration = Duration::from_secs(val()?.parse().map_err(|_| "--duration: seconds")?),
+            "--duration" => {
+                o.duration = Duration::from_secs(val()?.parse().map_err(|_| "--duration: seconds")?)
+            }
             "--connections" => o.connections = val()?.parse().map_err(|_| "--connections: a number")?,
             "--rounds" => o.rounds = val()?.parse().map_err(|_| "--rounds: a number")?,
             "--bin-dir" => o.bin_dir = PathBuf::from(val()?),
@@ -124,7 +127,11 @@ fn run(o: &Options) -> Result<(), String> {
     let (gateway, _) = Proc::start_with_line("burncloud", gw_cmd, "listening on")?;
     let key = provision(&gw_addr, &mock_addr)?;
 
-    let nginx = if o.systems.iter().any(|s| s == "nginx") { start_nginx(&scratch, &mock_addr, lay.sut) } else { Err("not requested".into()) };
+    let nginx = if o.systems.iter().any(|s| s == "nginx") {
+        start_nginx(&scratch, &mock_addr, lay.sut)
+    } else {
+        Err("not requested".into())
+    };
 
     let auth = format!("Bearer {key}");
     let headers = [("Content-Type", "application/json"), ("Authorization", auth.as_str())];
@@ -133,7 +140,11 @@ fn run(o: &Options) -> Result<(), String> {
     for s in &o.systems {
         match s.as_str() {
             "direct" => targets.push(("direct", format!("http://{mock_addr}/v1/chat/completions"), None)),
-            "burncloud" => targets.push(("burncloud", format!("http://{gw_addr}/v1/chat/completions"), Some(gateway.pid()))),
+            "burncloud" => targets.push((
+                "burncloud",
+                format!("http://{gw_addr}/v1/chat/completions"),
+                Some(gateway.pid()),
+            )),
             "nginx" => {
                 if let Ok((p, addr)) = &nginx {
                     targets.push(("nginx", format!("http://{addr}/v1/chat/completions"), Some(p.pid())));
@@ -148,7 +159,8 @@ fn run(o: &Options) -> Result<(), String> {
     {
         systems.insert("nginx".into(), json!({"error": e}));
     }
-    let idle_rss: BTreeMap<&str, Option<u64>> = targets.iter().map(|(n, _, pid)| (*n, pid.and_then(procs::rss_kib))).collect();
+    let idle_rss: BTreeMap<&str, Option<u64>> =
+        targets.iter().map(|(n, _, pid)| (*n, pid.and_then(procs::rss_kib))).collect();
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let threads = 1;
     // Warm-up, then alternate systems round by round.
@@ -168,7 +180,10 @@ fn run(o: &Options) -> Result<(), String> {
                     _ => None,
                 },
             };
-            eprintln!("round {round} {name}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms", r.rps, r.p50_ms, r.p99_ms);
+            eprintln!(
+                "round {round} {name}: {:.0} req/s p50 {:.3} ms p99 {:.3} ms",
+                r.rps, r.p50_ms, r.p99_ms
+            );
             samples.entry(name).or_default().push((r, cpu));
         }
     }
@@ -246,7 +261,13 @@ fn print_table(report: &Value) {
             }
             println!(
                 "| {name} | {} | {} | {} | {} | {} → {} | {} |",
-                s["rps"], s["p50_ms"], s["p99_ms"], s["cpu_us_per_req"], s["rss_idle_kib"], s["rss_kib"], s["errors"]
+                s["rps"],
+                s["p50_ms"],
+                s["p99_ms"],
+                s["cpu_us_per_req"],
+                s["rss_idle_kib"],
+                s["rss_kib"],
+                s["errors"]
             );
         }
     }
@@ -256,7 +277,11 @@ fn print_table(report: &Value) {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_else(|| "unknown cpu".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -264,14 +289,23 @@ fn machine() -> String {
 }
 
 fn date() -> String {
-    Command::new("date").arg("-u").arg("+%Y-%m-%dT%H:%M:%SZ").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%dT%H:%M:%SZ")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Creates a channel to the mock, a user and an unlimited key; returns the key.
 fn provision(gw: &str, mock: &str) -> Result<String, String> {
     let channel = json!({"name":"mock","type":"openai","base_url":format!("http://{mock}"),"key":"mock-key","models":"gpt-4o-mini","group":"default"});
     admin(gw, "/api/channel/", &channel)?;
-    let user = admin(gw, "/api/user/", &json!({"username":"bench","password":"bench-password","quota":1_000_000_000_000i64}))?;
+    let user = admin(
+        gw,
+        "/api/user/",
+        &json!({"username":"bench","password":"bench-password","quota":1_000_000_000_000i64}),
+    )?;
     let uid = user["data"]["id"].as_i64().ok_or("no user id")?;
     let token = admin(gw, "/api/token/", &json!({"user_id": uid, "name": "bench", "remain_quota": -1}))?;
     token["data"]["key"].as_str().map(str::to_string).ok_or_else(|| "no key in token response".into())
@@ -298,7 +332,11 @@ fn admin(addr: &str, path: &str, body: &Value) -> Result<Value, String> {
 
 /// nginx as a plain reverse proxy with upstream keepalive, unprivileged, in a scratch folder.
 fn start_nginx(scratch: &Path, mock: &str, cpu: Option<usize>) -> Result<(Proc, String), String> {
-    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().map(PathBuf::from).find(|p| p.exists()).ok_or("nginx is not installed")?;
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or("nginx is not installed")?;
     let dir = scratch.join("nginx");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let port = procs::free_port()?;
