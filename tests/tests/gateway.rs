@@ -885,3 +885,262 @@ fn the_openai_python_sdk_works_against_the_gateway() {
     );
     assert_eq!(s.gw.log_page("type=2&model=gpt-x").1, 2, "chat calls not logged\n{stdout}");
 }
+
+// ---------------------------------------------------------------- HTTPS upstreams
+
+/// A test CA and a `localhost` certificate signed by it, made with the `openssl` command.
+fn make_tls_files(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+    ]
+    .into_iter()
+    .chain(["-subj", "/CN=BurnCloud test CA", "-addext", "basicConstraints=critical,CA:TRUE"])
+    .collect::<Vec<_>>());
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// nginx terminating TLS on a free port in front of `upstream`; stopped on drop.
+struct TlsFront {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_front(dir: &std::path::Path, upstream: &str) -> Option<TlsFront> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"].into_iter().find(|p| std::path::Path::new(p).exists());
+    let Some(nginx) = nginx else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "nginx is required in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: nginx is not installed");
+        return None;
+    };
+    let port = closed_port();
+    let d = dir.display();
+    let upstream = upstream.trim_start_matches("http://");
+    let conf = format!(
+        "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\ndaemon off;\n\
+         events {{ worker_connections 256; }}\nhttp {{\n access_log off;\n client_body_temp_path {d}/b; \
+         proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n \
+         server {{\n  listen 127.0.0.1:{port} ssl;\n  ssl_certificate {d}/srv.pem;\n  ssl_certificate_key {d}/srv.key;\n  \
+         location / {{ proxy_pass http://{upstream}; proxy_http_version 1.1; proxy_buffering off; }}\n }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = Command::new(nginx)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nginx starts");
+    let front = TlsFront { child, port };
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nginx did not listen on {port}");
+        pause(Duration::from_millis(20));
+    }
+    Some(front)
+}
+
+#[test]
+fn an_https_upstream_is_reached_over_tls_and_its_certificate_is_verified() {
+    let dir = burncloud_tests::harness::TempDir::new("bc-tls");
+    make_tls_files(dir.path());
+    let mock = Mock::start(&[]);
+    let Some(front) = tls_front(dir.path(), &mock.base_url()) else { return };
+    let ca = dir.path().join("ca.pem");
+    let gw = Gateway::start(GatewayOptions::new().env("BURNCLOUD_UPSTREAM_CA_FILE", ca.display()));
+    let base_url = format!("https://localhost:{}", front.port);
+    gw.create_channel(json!({"base_url": base_url, "models": "gpt-x"}));
+    let user = gw.create_user(json!({}));
+    let key = gw.create_token(user, json!({}));
+
+    let resp = gw.chat(&key.key, &chat_body("gpt-x"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["object"], "chat.completion");
+    let stream = gw.chat(&key.key, &stream_body("gpt-x"));
+    assert_eq!(stream.status, 200, "{}", stream.text());
+    assert!(stream.text().contains("data: [DONE]"), "{}", stream.text());
+    assert_eq!(mock.requests().len(), 2);
+
+    // The same upstream is refused by a gateway that does not trust the test CA.
+    let untrusting = Gateway::start(GatewayOptions::new());
+    untrusting.create_channel(json!({"base_url": base_url, "models": "gpt-x"}));
+    let user = untrusting.create_user(json!({}));
+    let key = untrusting.create_token(user, json!({}));
+    let refused = untrusting.chat(&key.key, &chat_body("gpt-x"));
+    assert_error(&refused, 502, "upstream_error");
+    assert!(refused.text().to_lowercase().contains("tls"), "{}", refused.text());
+    assert_eq!(mock.requests().len(), 2, "an unverified upstream must not receive the request");
+}
+
+// ---------------------------------------------------------------- process contract
+
+/// Runs the gateway binary with only the given `BURNCLOUD_*` settings; returns (exit code, stdout,
+/// stderr). The binary must exit by itself.
+fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let dir = burncloud_tests::harness::TempDir::new("bc-bin");
+    let mut cmd = Command::new(burncloud_tests::harness::gateway_bin());
+    cmd.args(args).current_dir(dir.path());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BURNCLOUD_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("the gateway binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_settings_exit_non_zero_with_one_line_naming_the_setting() {
+    for (var, value) in [
+        ("BURNCLOUD_LISTEN", "not-an-address"),
+        ("BURNCLOUD_DATABASE_URL", "mysql://x"),
+        ("BURNCLOUD_WORKERS", "lots"),
+        ("BURNCLOUD_LISTNE", "127.0.0.1:1"),
+    ] {
+        let (code, _, stderr) = run_binary(&["serve"], &[(var, value)]);
+        assert_eq!(code, Some(1), "{var}={value}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{var}: {stderr}");
+        assert!(stderr.contains(var), "{var}: {stderr}");
+    }
+}
+
+#[test]
+fn prod_refuses_sqlite_and_an_unreachable_database_fails_the_start() {
+    let (code, _, stderr) = run_binary(&["serve"], &[("BURNCLOUD_ENV", "prod")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("BURNCLOUD_DATABASE_URL") && stderr.contains("SQLite"), "{stderr}");
+    let url = format!("postgres://postgres@127.0.0.1:{}/nothing", closed_port());
+    let (code, _, stderr) =
+        run_binary(&["serve"], &[("BURNCLOUD_DATABASE_URL", &url), ("BURNCLOUD_LISTEN", "127.0.0.1:0")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("BURNCLOUD_DATABASE_URL"), "{stderr}");
+}
+
+#[test]
+fn migrate_applies_the_schema_and_exits_0() {
+    let dir = burncloud_tests::harness::TempDir::new("bc-migrate");
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    let (code, stdout, stderr) = run_binary(&["migrate"], &[("BURNCLOUD_DATABASE_URL", &url)]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("migrations applied"), "{stdout}");
+    assert!(dir.path().join("m.db").exists());
+    let (code, _, stderr) = run_binary(&["migrate"], &[("BURNCLOUD_DATABASE_URL", &url)]);
+    assert_eq!(code, Some(0), "running migrations twice: {stderr}");
+}
+
+/// A gateway started by hand to read every stdout line up to `listening on`; killed on drop.
+struct RawGateway(std::process::Child);
+
+impl Drop for RawGateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary with only these settings; returns it, its stdout lines up to and including
+/// `listening on`, and the address.
+fn start_raw(dir: &std::path::Path, env: &[(&str, &str)]) -> (RawGateway, Vec<String>, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut cmd = Command::new(burncloud_tests::harness::gateway_bin());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("BURNCLOUD_")) {
+        cmd.env_remove(k);
+    }
+    cmd.current_dir(dir)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().expect("the gateway starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let raw = RawGateway(child);
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(WAIT).expect("the gateway prints `listening on`");
+        let done = line.starts_with("listening on ");
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    let addr = lines.last().and_then(|l| l.trim_start_matches("listening on ").trim().parse().ok());
+    (raw, lines, addr.expect("a socket address after `listening on`"))
+}
+
+#[test]
+fn without_an_admin_key_one_is_generated_printed_once_and_kept() {
+    let dir = burncloud_tests::harness::TempDir::new("bc-adminkey");
+    let url = format!("sqlite://{}", dir.path().join("a.db").display());
+    let env = [
+        ("BURNCLOUD_DATABASE_URL", url.as_str()),
+        ("BURNCLOUD_LISTEN", "127.0.0.1:0"),
+        ("BURNCLOUD_LOG", "warn"),
+    ];
+    let (first, lines, _) = start_raw(dir.path(), &env);
+    let key_line =
+        lines.iter().find(|l| l.starts_with("admin key")).cloned().expect("the admin key is printed");
+    let key = key_line.rsplit(' ').next().unwrap().to_string();
+    assert!(key.starts_with("sk-") && key.len() == 51, "{key_line}");
+    drop(first);
+    let (_second, lines, addr) = start_raw(dir.path(), &env);
+    assert!(!lines.iter().any(|l| l.starts_with("admin key")), "printed twice: {lines:?}");
+    let resp = HttpRequest::get("/api/option/").header("Authorization", &format!("Bearer {key}")).send(addr);
+    assert_eq!(resp.status, 200, "the generated key still works after a restart: {}", resp.text());
+    let wrong = HttpRequest::get("/api/option/").header("Authorization", "Bearer sk-wrong").send(addr);
+    assert_eq!(wrong.status, 401);
+}
