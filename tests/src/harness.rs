@@ -35,6 +35,19 @@ pub const ADMIN_KEY: &str = "bc-test-admin-key-0123456789abcd";
 /// The upstream key test channels are created with; the mock must see this one, never the client's.
 pub const CHANNEL_KEY: &str = "sk-channel-upstream-key-for-tests";
 
+/// The `anthropic-version` header test clients send.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// The Gemini path of `model` under `prefix` (`/v1beta` or `/v1`): `:generateContent`, or
+/// `:streamGenerateContent?alt=sse` when `stream`.
+pub fn gemini_path(prefix: &str, model: &str, stream: bool) -> String {
+    if stream {
+        format!("{prefix}/models/{model}:streamGenerateContent?alt=sse")
+    } else {
+        format!("{prefix}/models/{model}:generateContent")
+    }
+}
+
 // ---------------------------------------------------------------- small utilities
 
 /// Blocks the calling test thread.
@@ -393,6 +406,25 @@ impl Gateway {
     /// `POST /v1/chat/completions`.
     pub fn chat(&self, key: &str, body: &Value) -> Response {
         self.post("/v1/chat/completions", key, body)
+    }
+
+    /// `POST /v1/messages` (Anthropic Messages) with `x-api-key` and `anthropic-version`, as the
+    /// Anthropic SDKs send it.
+    pub fn messages(&self, key: &str, body: &Value) -> Response {
+        HttpRequest::post("/v1/messages")
+            .header("x-api-key", key)
+            .header("anthropic-version", ANTHROPIC_VERSION)
+            .json(body)
+            .send(self.addr)
+    }
+
+    /// Gemini `POST /v1beta/models/{model}:generateContent`, or `:streamGenerateContent?alt=sse`
+    /// when `stream`, with `x-goog-api-key`, as the google-genai SDK sends it.
+    pub fn generate_content(&self, key: &str, model: &str, stream: bool, body: &Value) -> Response {
+        HttpRequest::post(&gemini_path("/v1beta", model, stream))
+            .header("x-goog-api-key", key)
+            .json(body)
+            .send(self.addr)
     }
 
     // ------------------------------------------------------------ management API
@@ -773,6 +805,22 @@ impl Response {
         }
         out
     }
+
+    /// The events of an SSE body with their `event:` names (Anthropic streams name every event), in
+    /// order; events without data are skipped. A trailing event not ended by a blank line is kept
+    /// too, flagged by [`SseEvent::complete`] being false.
+    pub fn sse_events(&self) -> Vec<SseEvent> {
+        let mut decoder = SseDecoder::default();
+        decoder.feed(&self.body);
+        let mut out = Vec::new();
+        while let Some(e) = decoder.next_event() {
+            out.push(e);
+        }
+        if let Some(e) = decoder.rest() {
+            out.push(e);
+        }
+        out
+    }
 }
 
 fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -922,6 +970,37 @@ fn read_line(reader: &mut BufReader<TcpStream>) -> io::Result<String> {
     String::from_utf8(line).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "non-UTF-8 line"))
 }
 
+/// One Server-Sent Event: its `event:` name, if any, and its data (lines joined by `\n`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+    /// Whether a blank line ended it (false only for a cut-off last event).
+    pub complete: bool,
+}
+
+impl SseEvent {
+    /// The data as JSON; fails the test with the event when it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("SSE data is not JSON ({e}): {self:?}"))
+    }
+
+    fn parse(text: &str, complete: bool) -> Option<SseEvent> {
+        let mut event = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in text.lines() {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => event = Some(value.to_string()),
+                "data" => data.push(value),
+                _ => {}
+            }
+        }
+        (!data.is_empty()).then(|| SseEvent { event, data: data.join("\n"), complete })
+    }
+}
+
 /// Splits an SSE byte stream into events and yields their `data` (multi-line data joined by `\n`).
 #[derive(Debug, Default)]
 struct SseDecoder {
@@ -931,6 +1010,22 @@ struct SseDecoder {
 impl SseDecoder {
     fn feed(&mut self, bytes: &[u8]) {
         self.buf.extend(bytes.iter().filter(|b| **b != b'\r'));
+    }
+
+    fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            let end = self.buf.windows(2).position(|w| w == b"\n\n")?;
+            let event: Vec<u8> = self.buf.drain(..end + 2).collect();
+            if let Some(e) = SseEvent::parse(&String::from_utf8_lossy(&event[..end]), true) {
+                return Some(e);
+            }
+        }
+    }
+
+    /// What is left after the last complete event, as an event, if it holds data.
+    fn rest(&mut self) -> Option<SseEvent> {
+        let rest: Vec<u8> = self.buf.drain(..).collect();
+        SseEvent::parse(&String::from_utf8_lossy(&rest), false)
     }
 
     fn next_data(&mut self) -> Option<String> {

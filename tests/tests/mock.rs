@@ -394,3 +394,256 @@ fn bad_flags_exit_with_usage() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
 }
+
+// ---------------------------------------------------------------- Anthropic and Gemini endpoints
+
+impl Mock {
+    fn messages(&self, body: Value) -> Reply {
+        self.call("POST", "/v1/messages", &body.to_string())
+    }
+}
+
+impl Reply {
+    /// (event name, data JSON) of each event of an Anthropic stream.
+    fn named_events(&self) -> Vec<(String, Value)> {
+        String::from_utf8_lossy(&self.body)
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                let name = name.strip_prefix("event: ").unwrap().to_owned();
+                (name, serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap())
+            })
+            .collect()
+    }
+}
+
+const WEATHER_CALL: &str =
+    r#"{"tool_call": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}"#;
+
+#[test]
+fn an_anthropic_message_reports_text_stop_reason_and_usage() {
+    let mock = Mock::start(&["--prompt-tokens", "11", "--completion-tokens", "7"]);
+    let reply = mock.messages(
+        json!({"model": "claude-x", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let v = reply.json();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        (v["type"].as_str(), v["role"].as_str(), v["model"].as_str()),
+        (Some("message"), Some("assistant"), Some("claude-x"))
+    );
+    assert_eq!(v["content"][0]["type"], "text");
+    assert_eq!(v["content"][0]["text"].as_str().unwrap().split(' ').count(), 7);
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["usage"], json!({"input_tokens": 11, "output_tokens": 7}));
+}
+
+#[test]
+fn an_anthropic_stream_follows_the_exact_event_order_with_the_configured_chunks() {
+    let mock = Mock::start(&["--chunks", "3", "--prompt-tokens", "5", "--completion-tokens", "9"]);
+    let reply = mock.messages(json!({"model": "claude-x", "max_tokens": 100, "stream": true}));
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    assert!(reply.complete);
+    let events = reply.named_events();
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert!(events.iter().all(|(n, d)| d["type"] == n.as_str()));
+    assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 5);
+    assert_eq!(events[6].1["usage"]["output_tokens"], 9);
+    assert_eq!(events[6].1["delta"]["stop_reason"], "end_turn");
+    let whole =
+        mock.messages(json!({"model": "claude-x", "max_tokens": 100})).json()["content"][0]["text"].clone();
+    let streamed: String =
+        events[2..5].iter().map(|(_, d)| d["delta"]["text"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(whole.as_str(), Some(streamed.as_str()));
+    assert!(!String::from_utf8_lossy(&reply.body).contains("[DONE]"));
+}
+
+#[test]
+fn an_anthropic_stream_honours_the_chunk_gap_and_faults() {
+    let mock = Mock::start(&["--chunks", "3"]);
+    mock.behave(json!({"chunk_gap_ms": 100, "times": 1}));
+    let started = Instant::now();
+    assert!(mock.messages(json!({"model": "c", "stream": true})).complete);
+    assert!(started.elapsed() >= Duration::from_millis(600), "8 events, 7 gaps of 100 ms");
+    mock.behave(json!({"fault": "disconnect_mid_stream", "fault_after_chunks": 2}));
+    let cut = mock.messages(json!({"model": "c", "stream": true}));
+    assert!(!cut.complete);
+    assert_eq!(cut.named_events().len(), 2);
+}
+
+#[test]
+fn a_gemini_generation_reports_text_finish_reason_and_usage_metadata() {
+    let mock = Mock::start(&["--prompt-tokens", "11", "--completion-tokens", "7"]);
+    let body = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    for path in ["/v1beta/models/gemini-x:generateContent", "/v1/models/gemini-x:generateContent"] {
+        let reply = mock.call("POST", path, body);
+        let v = reply.json();
+        assert_eq!(reply.status, 200, "{path}");
+        let candidate = &v["candidates"][0];
+        assert_eq!(candidate["content"]["role"], "model");
+        assert_eq!(candidate["content"]["parts"][0]["text"].as_str().unwrap().split(' ').count(), 7);
+        assert_eq!(candidate["finishReason"], "STOP");
+        assert_eq!(v["modelVersion"], "gemini-x");
+        assert_eq!(
+            v["usageMetadata"],
+            json!({"promptTokenCount": 11, "candidatesTokenCount": 7, "totalTokenCount": 18})
+        );
+    }
+}
+
+#[test]
+fn a_gemini_stream_sends_data_chunks_with_usage_metadata_on_the_last() {
+    let mock = Mock::start(&["--chunks", "4", "--prompt-tokens", "5", "--completion-tokens", "9"]);
+    let body = r#"{"contents":[{"role":"user","parts":[{"text":"hi"}]}]}"#;
+    let reply = mock.call("POST", "/v1beta/models/gemini-x:streamGenerateContent?alt=sse", body);
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    assert!(reply.complete);
+    assert!(!String::from_utf8_lossy(&reply.body).contains("[DONE]"));
+    let events = reply.event_json();
+    assert_eq!(events.len(), 4);
+    assert!(events[..3].iter().all(|e| e.get("usageMetadata").is_none()));
+    assert_eq!(events[3]["candidates"][0]["finishReason"], "STOP");
+    assert_eq!(events[3]["usageMetadata"]["promptTokenCount"], 5);
+    assert_eq!(events[3]["usageMetadata"]["candidatesTokenCount"], 9);
+    let streamed: String = events
+        .iter()
+        .map(|e| e["candidates"][0]["content"]["parts"][0]["text"].as_str().unwrap().to_owned())
+        .collect();
+    let whole = mock.call("POST", "/v1beta/models/gemini-x:generateContent", body).json();
+    assert_eq!(whole["candidates"][0]["content"]["parts"][0]["text"].as_str(), Some(streamed.as_str()));
+    let recorded = mock.call("GET", "/_mock/requests", "").json();
+    assert_eq!(recorded[0]["query"], "alt=sse");
+}
+
+#[test]
+fn a_tool_call_behaviour_answers_openai_with_tool_calls() {
+    let mock = Mock::start(&["--chunks", "3"]);
+    mock.call("PUT", "/_mock/behaviour", WEATHER_CALL);
+    let v = mock.chat(json!({"model": "m"})).json();
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(
+        (call["type"].as_str(), call["function"]["name"].as_str()),
+        (Some("function"), Some("get_weather"))
+    );
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_eq!(args, json!({"city": "Paris", "days": 2}));
+    assert!(!call["id"].as_str().unwrap().is_empty());
+
+    let reply = mock.chat(json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}}));
+    let events = reply.event_json();
+    let deltas: Vec<&Value> = events.iter().filter_map(|e| e["choices"].get(0)).collect();
+    assert_eq!(deltas[0]["delta"]["tool_calls"][0]["function"]["name"], "get_weather");
+    let arguments: String =
+        deltas.iter().filter_map(|d| d["delta"]["tool_calls"][0]["function"]["arguments"].as_str()).collect();
+    assert_eq!(serde_json::from_str::<Value>(&arguments).unwrap(), json!({"city": "Paris", "days": 2}));
+    assert_eq!(deltas.last().unwrap()["finish_reason"], "tool_calls");
+    assert_eq!(events.last().unwrap()["usage"]["total_tokens"], 30);
+    assert_eq!(reply.events().last().map(String::as_str), Some("[DONE]"));
+}
+
+#[test]
+fn a_tool_call_behaviour_answers_anthropic_with_a_tool_use_block() {
+    let mock = Mock::start(&["--chunks", "2"]);
+    mock.call("PUT", "/_mock/behaviour", WEATHER_CALL);
+    let v = mock.messages(json!({"model": "c", "max_tokens": 10})).json();
+    assert_eq!(v["stop_reason"], "tool_use");
+    let block = &v["content"][0];
+    assert_eq!((block["type"].as_str(), block["name"].as_str()), (Some("tool_use"), Some("get_weather")));
+    assert_eq!(block["input"], json!({"city": "Paris", "days": 2}));
+
+    let events = mock.messages(json!({"model": "c", "max_tokens": 10, "stream": true})).named_events();
+    assert_eq!(events[1].1["content_block"]["type"], "tool_use");
+    assert_eq!(events[1].1["content_block"]["name"], "get_weather");
+    let json_text: String = events
+        .iter()
+        .filter(|(n, _)| n == "content_block_delta")
+        .map(|(_, d)| {
+            assert_eq!(d["delta"]["type"], "input_json_delta");
+            d["delta"]["partial_json"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(serde_json::from_str::<Value>(&json_text).unwrap(), json!({"city": "Paris", "days": 2}));
+    let message_delta = events.iter().find(|(n, _)| n == "message_delta").unwrap();
+    assert_eq!(message_delta.1["delta"]["stop_reason"], "tool_use");
+    assert_eq!(events.last().unwrap().0, "message_stop");
+}
+
+#[test]
+fn a_tool_call_behaviour_answers_gemini_with_a_function_call_part() {
+    let mock = Mock::start(&[]);
+    mock.call("PUT", "/_mock/behaviour", WEATHER_CALL);
+    let body = r#"{"contents":[{"role":"user","parts":[{"text":"weather?"}]}]}"#;
+    let whole = mock.call("POST", "/v1beta/models/g:generateContent", body).json();
+    let streamed = mock.call("POST", "/v1beta/models/g:streamGenerateContent?alt=sse", body).event_json();
+    for v in [&whole, streamed.last().unwrap()] {
+        let candidate = &v["candidates"][0];
+        assert_eq!(
+            candidate["content"]["parts"][0]["functionCall"],
+            json!({"name": "get_weather", "args": {"city": "Paris", "days": 2}})
+        );
+        assert_eq!(candidate["finishReason"], "STOP");
+        assert_eq!(v["usageMetadata"]["totalTokenCount"], 30);
+    }
+}
+
+#[test]
+fn a_counted_tool_call_behaviour_reverts_to_text() {
+    let mock = Mock::start(&[]);
+    mock.behave(json!({"tool_call": {"name": "f"}, "times": 1}));
+    let first = mock.messages(json!({"model": "c", "max_tokens": 10})).json();
+    assert_eq!(first["content"][0]["input"], json!({}));
+    let second = mock.messages(json!({"model": "c", "max_tokens": 10})).json();
+    assert_eq!(second["content"][0]["type"], "text");
+}
+
+#[test]
+fn errors_take_the_shape_of_the_paths_protocol() {
+    let mock = Mock::start(&[]);
+    mock.behave(json!({"status": 529}));
+    let anthropic = mock.messages(json!({"model": "c"}));
+    assert_eq!(anthropic.status, 529);
+    assert_eq!(anthropic.json()["type"], "error");
+    assert_eq!(anthropic.json()["error"]["type"], "overloaded_error");
+    mock.behave(json!({"status": 429}));
+    let gemini = mock.call("POST", "/v1beta/models/g:generateContent", "{}");
+    assert_eq!(
+        gemini.json()["error"],
+        json!({"code": 429, "message": "injected by burncloud-mock", "status": "RESOURCE_EXHAUSTED"})
+    );
+    mock.call("DELETE", "/_mock/behaviour", "");
+    let bad = mock.call("POST", "/v1/messages", "{not json");
+    assert_eq!((bad.status, bad.json()["error"]["type"].as_str()), (400, Some("invalid_request_error")));
+    let bad = mock.call("POST", "/v1beta/models/g:streamGenerateContent?alt=sse", "{not json");
+    assert_eq!((bad.status, bad.json()["error"]["status"].as_str()), (400, Some("INVALID_ARGUMENT")));
+    let unknown = mock.call("POST", "/v1beta/models/g:countTokens", "{}");
+    assert_eq!((unknown.status, unknown.json()["error"]["code"].as_i64()), (404, Some(404)));
+}
+
+#[test]
+fn garbage_and_cut_faults_apply_to_gemini_streams_too() {
+    let mock = Mock::start(&["--chunks", "4"]);
+    mock.behave(json!({"fault": "garbage_body", "times": 1}));
+    let garbage = mock.call("POST", "/v1beta/models/g:generateContent", "{}");
+    assert!(serde_json::from_slice::<Value>(&garbage.body).is_err());
+    mock.behave(json!({"fault": "disconnect_mid_stream", "fault_after_chunks": 3}));
+    let cut = mock.call("POST", "/v1beta/models/g:streamGenerateContent?alt=sse", "{}");
+    assert!(!cut.complete);
+    assert_eq!(cut.event_json().len(), 3);
+    assert!(cut.event_json().iter().all(|e| e.get("usageMetadata").is_none()));
+}

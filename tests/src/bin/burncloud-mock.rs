@@ -1,4 +1,4 @@
-//! `burncloud-mock`: the project's mock OpenAI-compatible upstream as a process.
+//! `burncloud-mock`: the project's mock upstream (OpenAI, Anthropic and Gemini endpoints) as a process.
 //!
 //! Owns only the command line: parses the flags into a [`MockConfig`], starts the workers and
 //! prints `listening on ADDR` once they accept. Everything else lives in `burncloud_tests::mock`.

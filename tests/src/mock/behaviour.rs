@@ -50,9 +50,27 @@ pub struct Behaviour {
     pub fault: Fault,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fault_after_chunks: Option<usize>,
+    /// Answer chat requests (all three protocols) with this tool call instead of text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call: Option<ToolCall>,
     /// Applies to the next `times` API requests, then the mock reverts; absent = until changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub times: Option<u64>,
+}
+
+/// A tool call the mock answers with: OpenAI `tool_calls` (finish reason `tool_calls`), an Anthropic
+/// `tool_use` block (stop reason `tool_use`) or a Gemini `functionCall` part.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments as a JSON object; absent means `{}`.
+    #[serde(default = "empty_object")]
+    pub arguments: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
 }
 
 struct Active {
@@ -134,10 +152,15 @@ mod tests {
     fn the_behaviour_body_parses_every_documented_field() {
         let b: Behaviour = serde_json::from_str(
             r#"{"status":500,"body":"x","latency_ms":1,"chunks":2,"chunk_gap_ms":3,"prompt_tokens":4,
-                "completion_tokens":5,"fault":"disconnect_mid_stream","fault_after_chunks":6,"times":7}"#,
+                "completion_tokens":5,"fault":"disconnect_mid_stream","fault_after_chunks":6,"times":7,
+                "tool_call":{"name":"f","arguments":{"a":1}}}"#,
         )
         .unwrap();
         assert_eq!((b.fault, b.times, b.fault_after_chunks), (Fault::DisconnectMidStream, Some(7), Some(6)));
+        assert_eq!(b.tool_call.unwrap().arguments, serde_json::json!({"a": 1}));
         assert!(serde_json::from_str::<Behaviour>(r#"{"staus":500}"#).is_err());
+        assert!(serde_json::from_str::<Behaviour>(r#"{"tool_call":{"name":"f","args":{}}}"#).is_err());
+        let bare: Behaviour = serde_json::from_str(r#"{"tool_call":{"name":"f"}}"#).unwrap();
+        assert_eq!(bare.tool_call.unwrap().arguments, serde_json::json!({}));
     }
 }

@@ -1,4 +1,5 @@
-//! The project's mock OpenAI-compatible upstream, fast enough to load-test the gateway against.
+//! The project's mock upstream, speaking OpenAI, Anthropic and Gemini, fast enough to load-test the
+//! gateway against.
 //!
 //! Owns the mock server: [`MockConfig`] (the `burncloud-mock` flags), [`start`], which runs one
 //! thread-per-core worker per requested worker on a shared reuse-port listener, and the state all
@@ -6,11 +7,15 @@
 //! gateway's own HTTP codec and executor layer, so it never pulls in another runtime.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (both streamed with
-//! `"stream": true`), `POST /v1/embeddings`, `GET /v1/models`, `GET /health`, and the control API
-//! under `/_mock/` (`behaviour`, `requests`, `stats`). Test tooling only: it never enforces
+//! `"stream": true`), `POST /v1/embeddings`, `GET /v1/models`, Anthropic `POST /v1/messages`
+//! (streamed with `"stream": true`), Gemini `POST /v1beta/models/{model}:generateContent` and
+//! `:streamGenerateContent` (also under `/v1/models/`), `GET /health`, and the control API under
+//! `/_mock/` (`behaviour`, `requests`, `stats`). Test tooling only: it never enforces
 //! credentials, and its shared state uses plain locks that gateway worker code must never use.
 
+pub mod anthropic;
 pub mod behaviour;
+pub mod gemini;
 pub mod openai;
 pub mod record;
 mod service;
@@ -26,7 +31,7 @@ use std::time::Duration;
 use burncloud_runtime::http::{Limits, ShutdownSignal, serve_connection};
 use burncloud_runtime::rt;
 
-pub use behaviour::{Behaviour, BehaviourSlot, Fault};
+pub use behaviour::{Behaviour, BehaviourSlot, Fault, ToolCall};
 pub use record::{Record, Recorder};
 pub use service::MockUpstream;
 

@@ -1,7 +1,8 @@
 //! The OpenAI wire bodies the mock answers with.
 //!
-//! Owns the text of every response: chat completions and their stream chunks, text completions,
-//! embeddings, the model list and the error shape. Pure string building (no I/O, no clock: the
+//! Owns the text of every response: chat completions (text or a tool call) and their stream chunks,
+//! text completions, embeddings, the model list and the error shape; also the text helpers the
+//! Anthropic and Gemini bodies share ([`quoted`], [`generated_text`], [`pieces`], [`split_even`]). Pure string building (no I/O, no clock: the
 //! caller passes `created` and the id); the JSON is written directly rather than through a value
 //! tree so the mock stays cheap under load.
 
@@ -69,6 +70,23 @@ pub fn pieces(text: &str, parts: usize) -> Vec<&str> {
         .collect()
 }
 
+/// A tool call to answer with: its id, its function name and its arguments as JSON text.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+    pub arguments: &'a str,
+}
+
+/// Splits `text` into `parts` pieces of about equal length at character boundaries (some may be
+/// empty); concatenated they give back `text`.
+pub fn split_even(text: &str, parts: usize) -> Vec<&str> {
+    let parts = parts.max(1);
+    let bounds: Vec<usize> = text.char_indices().map(|(i, _)| i).chain(std::iter::once(text.len())).collect();
+    let chars = bounds.len() - 1;
+    (0..parts).map(|k| &text[bounds[k * chars / parts]..bounds[(k + 1) * chars / parts]]).collect()
+}
+
 impl Completion<'_> {
     fn usage(&self) -> String {
         format!(
@@ -130,6 +148,43 @@ impl Completion<'_> {
             }
         };
         sse(&self.envelope(true, &choice, if usage_null { r#","usage":null"# } else { "" }))
+    }
+
+    /// The whole non-streamed chat response calling `call` (finish reason `tool_calls`).
+    pub fn full_tool_call(&self, call: &Call) -> String {
+        let choice = format!(
+            r#"{{"index":0,"message":{{"role":"assistant","content":null,"tool_calls":[{{"id":{},"type":"function","function":{{"name":{},"arguments":{}}}}}],"refusal":null}},"logprobs":null,"finish_reason":"tool_calls"}}"#,
+            quoted(call.id),
+            quoted(call.name),
+            quoted(call.arguments)
+        );
+        self.envelope(false, &choice, &format!(r#","usage":{}"#, self.usage()))
+    }
+
+    /// The stream events of a chat response calling `call`: one naming the call (with the role), the
+    /// arguments in `chunks` pieces, then an empty delta with finish reason `tool_calls`.
+    pub fn tool_call_events(&self, call: &Call, chunks: usize, usage_null: bool) -> Vec<String> {
+        let usage = if usage_null { r#","usage":null"# } else { "" };
+        let event = |delta: String, finish: &str| {
+            let choice = format!(r#"{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":{finish}}}"#);
+            sse(&self.envelope(true, &choice, usage))
+        };
+        let mut events = vec![event(
+            format!(
+                r#"{{"role":"assistant","content":null,"tool_calls":[{{"index":0,"id":{},"type":"function","function":{{"name":{},"arguments":""}}}}]}}"#,
+                quoted(call.id),
+                quoted(call.name)
+            ),
+            "null",
+        )];
+        for piece in split_even(call.arguments, chunks) {
+            events.push(event(
+                format!(r#"{{"tool_calls":[{{"index":0,"function":{{"arguments":{}}}}}]}}"#, quoted(piece)),
+                "null",
+            ));
+        }
+        events.push(event("{}".to_owned(), r#""tool_calls""#));
+        events
     }
 
     /// The final usage-only event sent when `stream_options.include_usage` is true.
@@ -229,6 +284,33 @@ mod tests {
             assert_eq!((p.len(), p.concat()), (parts, text.clone()));
         }
         assert_eq!(pieces("", 3).concat(), "");
+    }
+
+    #[test]
+    fn a_tool_call_answers_with_tool_calls_whole_and_streamed() {
+        let c = completion(Api::Chat);
+        let call = Call { id: "call-1", name: "get_weather", arguments: r#"{"city":"Paris"}"# };
+        let v = json(&c.full_tool_call(&call));
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert!(v["choices"][0]["message"]["content"].is_null());
+        assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], call.arguments);
+        let events: Vec<Value> = c.tool_call_events(&call, 3, false).iter().map(|e| json(e)).collect();
+        assert_eq!(events.len(), 5);
+        assert_eq!(events[0]["choices"][0]["delta"]["tool_calls"][0]["id"], "call-1");
+        let args: String = events[1..4]
+            .iter()
+            .map(|e| e["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(args, call.arguments);
+        assert_eq!(events[4]["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn split_even_rebuilds_the_text_at_character_boundaries() {
+        for parts in 1..8 {
+            assert_eq!(split_even("héllo wörld", parts).concat(), "héllo wörld");
+            assert_eq!(split_even("héllo wörld", parts).len(), parts);
+        }
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The mock's request handling: the OpenAI endpoints, the control endpoints and fault injection.
+//! The mock's request handling: the OpenAI, Anthropic and Gemini endpoints, the control endpoints
+//! and fault injection.
 //!
 //! Owns [`MockUpstream`], the [`Service`] each mock worker runs. A plain API request costs one
 //! atomic load for the behaviour check, one JSON parse of the fields it needs, one record copy and
 //! the response write; control endpoints (`/_mock/…`) and faults may take locks. It never enforces
-//! credentials (it records them) and never fails on a bad request body: that is a 400 answer.
+//! credentials (it records them) and never fails on a bad request body: that is a 400 answer, in
+//! the error shape of the protocol the path belongs to.
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -18,8 +20,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::MockShared;
+use super::anthropic::{self, Message};
 use super::behaviour::{Behaviour, Fault};
-use super::openai::{self, Api, Completion};
+use super::gemini::{self, Action, Generation};
+use super::openai::{self, Api, Call, Completion};
 use super::record::Record;
 
 const JSON: (&str, &str) = ("content-type", "application/json");
@@ -41,6 +45,39 @@ struct Plan {
     completion_tokens: u64,
     fault: Fault,
     fault_after_chunks: usize,
+    /// The tool call to answer with instead of text: the function name and the arguments JSON.
+    tool_call: Option<(String, String)>,
+}
+
+/// The protocol an API path belongs to, which decides the shape of its error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    OpenAi,
+    Anthropic,
+    Gemini,
+}
+
+impl Protocol {
+    fn of(path: &str) -> Protocol {
+        if path == "/v1/messages" {
+            Protocol::Anthropic
+        } else if gemini::route(path).is_some() {
+            Protocol::Gemini
+        } else {
+            Protocol::OpenAi
+        }
+    }
+
+    fn error(self, status: u16, message: &str, openai_code: &str) -> String {
+        match self {
+            Protocol::OpenAi => {
+                let kind = if status >= 500 { "server_error" } else { "invalid_request_error" };
+                openai::error(message, kind, openai_code)
+            }
+            Protocol::Anthropic => anthropic::error(status, message),
+            Protocol::Gemini => gemini::error(status, message),
+        }
+    }
 }
 
 /// The part of a completion request the mock reads.
@@ -70,8 +107,15 @@ struct EmbeddingRequest<'a> {
 
 /// A response the endpoint produced, before faults are applied.
 enum Answer {
-    Full { status: u16, body: String },
-    Stream { events: Vec<String> },
+    Full {
+        status: u16,
+        body: String,
+    },
+    /// `end` is written after the events: `data: [DONE]` for OpenAI, nothing for the others.
+    Stream {
+        events: Vec<String>,
+        end: &'static [u8],
+    },
 }
 
 impl MockUpstream {
@@ -91,6 +135,7 @@ impl MockUpstream {
             completion_tokens: b.completion_tokens.unwrap_or(c.completion_tokens),
             fault: b.fault,
             fault_after_chunks: b.fault_after_chunks.unwrap_or(1),
+            tool_call: b.tool_call.map(|t| (t.name, t.arguments.to_string())),
         }
     }
 
@@ -112,7 +157,9 @@ impl MockUpstream {
             return;
         }
         let answer = match behaviour.as_deref().and_then(|b| b.status.map(|s| (s, b.body.as_ref()))) {
-            Some((status, body)) => Answer::Full { status, body: injected_body(status, body) },
+            Some((status, body)) => {
+                Answer::Full { status, body: injected_body(Protocol::of(&req.path), status, body) }
+            }
             None => self.answer(&req, &plan),
         };
         let _ = match plan.fault {
@@ -125,9 +172,17 @@ impl MockUpstream {
 
     /// The endpoint's normal answer.
     fn answer(&self, req: &Request, plan: &Plan) -> Answer {
+        if req.method == Method::POST {
+            match gemini::route(&req.path) {
+                Some((model, Action::Generate)) => return self.generate(model, false, &req.body, plan),
+                Some((model, Action::StreamGenerate)) => return self.generate(model, true, &req.body, plan),
+                Some((_, Action::Other)) | None => {}
+            }
+        }
         match (&req.method, req.path.as_str()) {
             (&Method::POST, "/v1/chat/completions") => self.completion(Api::Chat, &req.body, plan),
             (&Method::POST, "/v1/completions") => self.completion(Api::Text, &req.body, plan),
+            (&Method::POST, "/v1/messages") => self.messages(&req.body, plan),
             (&Method::POST, "/v1/embeddings") => {
                 match serde_json::from_slice::<EmbeddingRequest>(&req.body) {
                     Ok(r) => Answer::Full {
@@ -138,15 +193,15 @@ impl MockUpstream {
                             plan.prompt_tokens,
                         ),
                     },
-                    Err(e) => bad_request(&e),
+                    Err(e) => bad_request(Protocol::OpenAi, &e),
                 }
             }
             (&Method::GET, "/v1/models") => Answer::Full { status: 200, body: openai::models(now()) },
             _ => Answer::Full {
                 status: 404,
-                body: openai::error(
+                body: Protocol::of(&req.path).error(
+                    404,
                     &format!("no route for {} {}", req.method, req.path),
-                    "invalid_request_error",
                     "not_found",
                 ),
             },
@@ -156,7 +211,7 @@ impl MockUpstream {
     fn completion(&self, api: Api, body: &[u8], plan: &Plan) -> Answer {
         let r = match serde_json::from_slice::<CompletionRequest>(body) {
             Ok(r) => r,
-            Err(e) => return bad_request(&e),
+            Err(e) => return bad_request(Protocol::OpenAi, &e),
         };
         let id = self.id(if api == Api::Chat { "chatcmpl" } else { "cmpl" });
         let c = Completion {
@@ -167,18 +222,93 @@ impl MockUpstream {
             prompt_tokens: plan.prompt_tokens,
             completion_tokens: plan.completion_tokens,
         };
-        let text = openai::generated_text(plan.completion_tokens);
-        if r.stream != Some(true) {
-            return Answer::Full { status: 200, body: c.full(&text) };
-        }
+        let stream = r.stream == Some(true);
         let include_usage = r.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-        let pieces = openai::pieces(&text, plan.chunks);
-        let mut events: Vec<String> =
-            pieces.iter().enumerate().map(|(k, p)| c.event(k, pieces.len(), p, include_usage)).collect();
+        let mut events = match (&plan.tool_call, api) {
+            (Some((name, arguments)), Api::Chat) => {
+                let call_id = self.id("call");
+                let call = Call { id: &call_id, name, arguments };
+                if !stream {
+                    return Answer::Full { status: 200, body: c.full_tool_call(&call) };
+                }
+                c.tool_call_events(&call, plan.chunks, include_usage)
+            }
+            _ => {
+                let text = openai::generated_text(plan.completion_tokens);
+                if !stream {
+                    return Answer::Full { status: 200, body: c.full(&text) };
+                }
+                let pieces = openai::pieces(&text, plan.chunks);
+                pieces.iter().enumerate().map(|(k, p)| c.event(k, pieces.len(), p, include_usage)).collect()
+            }
+        };
         if include_usage {
             events.push(c.usage_event());
         }
-        Answer::Stream { events }
+        Answer::Stream { events, end: openai::DONE }
+    }
+
+    /// `POST /v1/messages`: an Anthropic message, whole or streamed.
+    fn messages(&self, body: &[u8], plan: &Plan) -> Answer {
+        let r = match serde_json::from_slice::<CompletionRequest>(body) {
+            Ok(r) => r,
+            Err(e) => return bad_request(Protocol::Anthropic, &e),
+        };
+        let id = self.id("msg");
+        let m = Message {
+            id: &id,
+            model: r.model.as_deref().unwrap_or("mock-model"),
+            input_tokens: plan.prompt_tokens,
+            output_tokens: plan.completion_tokens,
+        };
+        let stream = r.stream == Some(true);
+        let events = match &plan.tool_call {
+            Some((name, arguments)) => {
+                let call_id = self.id("toolu");
+                let call = Call { id: &call_id, name, arguments };
+                if !stream {
+                    return Answer::Full { status: 200, body: m.full_tool_use(&call) };
+                }
+                m.tool_use_events(&call, plan.chunks)
+            }
+            None => {
+                let text = openai::generated_text(plan.completion_tokens);
+                if !stream {
+                    return Answer::Full { status: 200, body: m.full(&text) };
+                }
+                m.events(&text, plan.chunks)
+            }
+        };
+        Answer::Stream { events, end: b"" }
+    }
+
+    /// `POST /v1beta/models/{model}:generateContent` or `:streamGenerateContent`: a Gemini response,
+    /// whole or as an SSE stream (whatever `alt` says; the recorded query shows what was asked).
+    fn generate(&self, model: &str, stream: bool, body: &[u8], plan: &Plan) -> Answer {
+        if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+            return bad_request(Protocol::Gemini, &e);
+        }
+        let id = self.id("resp");
+        let g = Generation {
+            id: &id,
+            model,
+            prompt_tokens: plan.prompt_tokens,
+            candidates_tokens: plan.completion_tokens,
+        };
+        let events = match (&plan.tool_call, stream) {
+            (Some((name, arguments)), false) => {
+                return Answer::Full { status: 200, body: g.full_call(name, arguments) };
+            }
+            (Some((name, arguments)), true) => g.call_events(name, arguments),
+            (None, false) => {
+                return Answer::Full {
+                    status: 200,
+                    body: g.full(&openai::generated_text(plan.completion_tokens)),
+                };
+            }
+            (None, true) => g.events(&openai::generated_text(plan.completion_tokens), plan.chunks),
+        };
+        Answer::Stream { events, end: b"" }
     }
 
     async fn control(&self, req: Request, resp: &mut Responder<'_>) {
@@ -230,19 +360,20 @@ fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn bad_request(e: &serde_json::Error) -> Answer {
+fn bad_request(protocol: Protocol, e: &serde_json::Error) -> Answer {
     Answer::Full {
         status: 400,
-        body: openai::error(&format!("invalid JSON body: {e}"), "invalid_request_error", "invalid_request"),
+        body: protocol.error(400, &format!("invalid JSON body: {e}"), "invalid_request"),
     }
 }
 
-/// The body of an injected status: the given string or JSON, else an OpenAI error (or `{}` for 2xx).
-fn injected_body(status: u16, body: Option<&Value>) -> String {
+/// The body of an injected status: the given string or JSON, else an error in the path's protocol
+/// (or `{}` for 2xx).
+fn injected_body(protocol: Protocol, status: u16, body: Option<&Value>) -> String {
     match body {
         Some(Value::String(s)) => s.clone(),
         Some(v) => v.to_string(),
-        None if status >= 400 => openai::error("injected by burncloud-mock", "server_error", "mock_failure"),
+        None if status >= 400 => protocol.error(status, "injected by burncloud-mock", "mock_failure"),
         None => "{}".to_owned(),
     }
 }
@@ -250,7 +381,7 @@ fn injected_body(status: u16, body: Option<&Value>) -> String {
 async fn send(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std::io::Result<()> {
     match answer {
         Answer::Full { status, body } => resp.send(status, &[JSON], Bytes::from(body)).await,
-        Answer::Stream { events } => {
+        Answer::Stream { events, end } => {
             resp.start_stream(200, &SSE).await?;
             for (k, event) in events.into_iter().enumerate() {
                 if k > 0 && !plan.chunk_gap.is_zero() {
@@ -258,7 +389,9 @@ async fn send(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std::io:
                 }
                 resp.send_chunk(Bytes::from(event)).await?;
             }
-            resp.send_chunk(Bytes::from_static(openai::DONE)).await?;
+            if !end.is_empty() {
+                resp.send_chunk(Bytes::from_static(end)).await?;
+            }
             resp.finish_stream().await
         }
     }
@@ -284,7 +417,7 @@ async fn send_cut(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std:
             raw.put_slice(&body.as_bytes()[..body.len() / 2]);
             resp.write_raw(raw.freeze()).await?;
         }
-        Answer::Stream { events } => {
+        Answer::Stream { events, .. } => {
             resp.start_stream(200, &SSE).await?;
             for (k, event) in events.into_iter().take(plan.fault_after_chunks).enumerate() {
                 if k > 0 && !plan.chunk_gap.is_zero() {
@@ -302,9 +435,9 @@ async fn send_cut(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std:
 async fn send_slowly(resp: &mut Responder<'_>, answer: Answer, plan: &Plan) -> std::io::Result<()> {
     let (status, content_type, body, stream) = match answer {
         Answer::Full { status, body } => (status, JSON.1, Bytes::from(body), false),
-        Answer::Stream { events } => {
+        Answer::Stream { events, end } => {
             let mut framed = BytesMut::new();
-            for event in events.iter().map(String::as_bytes).chain([openai::DONE]) {
+            for event in events.iter().map(String::as_bytes).chain([end]).filter(|e| !e.is_empty()) {
                 framed.put_slice(&encode_chunk(event));
             }
             framed.put_slice(LAST_CHUNK);
