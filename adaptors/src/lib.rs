@@ -22,6 +22,7 @@ pub mod gemini;
 pub mod ir;
 pub mod openai;
 pub mod sse;
+pub mod tokens;
 pub mod vision;
 
 pub use burncloud_core::error::Protocol;
