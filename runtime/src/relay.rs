@@ -8,7 +8,8 @@
 //!    the body when client and channel speak different protocols), failing over on retryable errors;
 //! 6. respond: [`respond_full`] or [`respond_stream`] (SSE converted and forwarded chunk by chunk,
 //!    usage collected), always in the client's protocol;
-//! 7. [`settle`]: price the usage and hand one consume event to the storage thread.
+//! 7. [`settle`]: price the usage (counted locally with the model's tokenizer when the upstream
+//!    reported none, e.g. a cut stream) and hand one consume event to the storage thread.
 //!
 //! Never blocks and never waits on a database write: the only awaits are the client socket, the
 //! upstream socket and, on a key-cache miss, a storage read.
@@ -17,8 +18,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use burncloud_adaptors::openai;
 use burncloud_adaptors::{RequestOptions, ResponseMeta, StreamConverter, Usage};
+use burncloud_adaptors::{openai, tokens};
 use burncloud_core::error::Protocol;
 use burncloud_core::model::{self, Channel, ChannelType, LogEntry, STATUS_ENABLED};
 use burncloud_core::{ErrorKind, GatewayError, apikey};
@@ -197,13 +198,14 @@ async fn relay_steps(
         ctx.upstream_wait += started.elapsed();
         match outcome {
             Ok(answer) => {
-                let usage = match answer {
-                    Answer::Complete(full) => respond_full(ctx, resp, full).await,
+                let delivered = match answer {
+                    Answer::Complete(full) => respond_full(ctx, resp, full, endpoint.protocol()).await,
                     Answer::Stream(stream) => {
                         let (upstream, converter) = *stream;
                         respond_stream(worker, ctx, resp, upstream, converter, endpoint.protocol()).await
                     }
                 };
+                let usage = measured_usage(endpoint, &info, &req.body, delivered);
                 settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
                 return Ok(());
             }
@@ -491,16 +493,35 @@ fn success_headers<'a>(
     [("content-type", content_type), ("x-request-id", ctx.id.as_str()), ("x-burncloud-overhead-us", overhead)]
 }
 
+/// What reached the client: the upstream's usage when it reported one, else the completion text
+/// delivered, for local counting.
+pub enum Delivered {
+    Reported(Usage),
+    Unreported { completion_text: String },
+}
+
 /// Step 6a: a complete response, already in the client's protocol.
-pub async fn respond_full(ctx: &RequestCtx, resp: &mut Responder<'_>, full: FullAnswer) -> Option<Usage> {
+pub async fn respond_full(
+    ctx: &RequestCtx,
+    resp: &mut Responder<'_>,
+    full: FullAnswer,
+    client: Protocol,
+) -> Delivered {
     let overhead = ctx.overhead_us().to_string();
     let headers = success_headers(ctx, &overhead, &full.content_type);
+    let delivered = match full.usage {
+        Some(u) => Delivered::Reported(u),
+        None => Delivered::Unreported {
+            completion_text: burncloud_adaptors::response_text(client, &full.body).unwrap_or_default(),
+        },
+    };
     let _ = resp.send(full.status, &headers, full.body).await;
-    full.usage
+    delivered
 }
 
 /// Step 6b: a stream, each upstream chunk converted to the client's protocol and written as it
-/// arrives. Returns the usage the upstream reported, if it did before the stream ended.
+/// arrives. Returns the usage the upstream reported, if it did before the stream ended, else the text
+/// delivered to the client.
 pub async fn respond_stream(
     worker: &Worker,
     ctx: &mut RequestCtx,
@@ -508,10 +529,10 @@ pub async fn respond_stream(
     mut upstream: UpstreamResponse,
     mut converter: StreamConverter,
     client: Protocol,
-) -> Option<Usage> {
+) -> Delivered {
     let overhead = ctx.overhead_us().to_string();
     if resp.start_stream(200, &success_headers(ctx, &overhead, "text/event-stream")).await.is_err() {
-        return None;
+        return stream_delivered(&converter);
     }
     let mut out = BytesMut::new();
     loop {
@@ -523,7 +544,7 @@ pub async fn respond_stream(
                 converter.feed(&bytes, &mut out);
                 if !out.is_empty() && resp.send_chunk(out.split().freeze()).await.is_err() {
                     tracing::info!(request_id = %ctx.id, "client went away mid-stream");
-                    return converter.usage();
+                    return stream_delivered(&converter);
                 }
             }
             Ok(None) => {
@@ -542,7 +563,69 @@ pub async fn respond_stream(
         let _ = resp.send_chunk(out.freeze()).await;
     }
     let _ = resp.finish_stream().await;
-    converter.usage()
+    stream_delivered(&converter)
+}
+
+fn stream_delivered(converter: &StreamConverter) -> Delivered {
+    match converter.usage() {
+        Some(u) => Delivered::Reported(u),
+        None => Delivered::Unreported { completion_text: converter.delivered_text().to_string() },
+    }
+}
+
+/// The usage to bill: as reported, or counted with the model's tokenizer from the request and the
+/// text delivered (the prompt in full, the completion as far as it reached the client).
+pub fn measured_usage(
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+    delivered: Delivered,
+) -> Measured {
+    let completion_text = match delivered {
+        Delivered::Reported(usage) => return Measured { usage, counted_locally: false },
+        Delivered::Unreported { completion_text } => completion_text,
+    };
+    let model = info.model.as_str();
+    let prompt_tokens = match endpoint {
+        Endpoint::Chat(p) => chat_prompt_tokens(*p, model, body, info.stream),
+        Endpoint::Gemini { .. } => chat_prompt_tokens(Protocol::Gemini, model, body, info.stream),
+        Endpoint::Completions | Endpoint::Embeddings => legacy_prompt_tokens(model, body),
+    };
+    let completion_tokens = i64::from(tokens::count_text(model, &completion_text));
+    let usage = Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        ..Usage::default()
+    };
+    Measured { usage, counted_locally: true }
+}
+
+/// Usage as billed, and whether the gateway counted it itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Measured {
+    pub usage: Usage,
+    pub counted_locally: bool,
+}
+
+fn chat_prompt_tokens(protocol: Protocol, model: &str, body: &[u8], stream: bool) -> i64 {
+    let opts = RequestOptions { stream: Some(stream), ..RequestOptions::default() };
+    match burncloud_adaptors::convert::decode_request(protocol, body, &opts) {
+        Ok(request) => i64::from(tokens::count_chat_prompt(model, &request)),
+        Err(_) => i64::from(tokens::count_text(model, &String::from_utf8_lossy(body))),
+    }
+}
+
+/// The `prompt` (completions) or `input` (embeddings) text of a legacy OpenAI request.
+fn legacy_prompt_tokens(model: &str, body: &[u8]) -> i64 {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return 0 };
+    let field = v.get("prompt").or_else(|| v.get("input"));
+    let texts: Vec<&str> = match field {
+        Some(serde_json::Value::String(s)) => vec![s.as_str()],
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(serde_json::Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    texts.iter().map(|t| i64::from(tokens::count_text(model, t))).sum()
 }
 
 /// The event that tells a streaming client the upstream broke, in its protocol.
@@ -563,10 +646,10 @@ pub fn settle(
     channel: &Channel,
     info: &RequestInfo,
     snapshot: &crate::state::Snapshot,
-    usage: Option<Usage>,
+    measured: Measured,
     req: &Request,
 ) {
-    let usage = usage.unwrap_or_default();
+    let usage = measured.usage;
     let group = effective_group(caller);
     let quota = snapshot
         .prices
@@ -591,7 +674,11 @@ pub fn settle(
         group: group.to_string(),
         ip: req.peer.ip().to_string(),
         request_id: ctx.id.clone(),
-        content: String::new(),
+        content: if measured.counted_locally {
+            "usage counted by the gateway: the upstream reported none".into()
+        } else {
+            String::new()
+        },
     };
     worker.shared.storage.record(ConsumeEvent { log, quota });
 }

@@ -1144,3 +1144,54 @@ fn without_an_admin_key_one_is_generated_printed_once_and_kept() {
     let wrong = HttpRequest::get("/api/option/").header("Authorization", "Bearer sk-wrong").send(addr);
     assert_eq!(wrong.status, 401);
 }
+
+// ---------------------------------------------------------------- usage the upstream did not report
+
+#[test]
+fn a_stream_without_a_usage_chunk_is_billed_from_local_token_counts() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
+    s.gw.put_option("CompletionRatio", r#"{"gpt-x": 1}"#);
+    s.mock.behave(json!({"chunks": 4, "completion_tokens": 12}));
+    let body =
+        json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "Say hello"}]});
+
+    let resp = s.gw.chat(&s.key.key, &body);
+
+    assert_eq!(resp.status, 200);
+    assert!(!resp.text().contains("\"usage\":{"), "the mock was asked for no usage: {}", resp.text());
+    let log = s.gw.consume_log(&request_id(&resp));
+    let (prompt, completion) =
+        (log["prompt_tokens"].as_i64().unwrap(), log["completion_tokens"].as_i64().unwrap());
+    // One user message "Say hello": 3 per message + "user" (1) + "Say hello" (2) + 3 priming.
+    assert_eq!(prompt, 9, "{log}");
+    assert!((12..=20).contains(&completion), "12 words of mock text, counted: {log}");
+    assert_eq!(log["quota"].as_i64().unwrap(), prompt + completion, "{log}");
+    assert!(log["content"].as_str().unwrap().contains("counted by the gateway"), "{log}");
+}
+
+#[test]
+fn a_stream_cut_by_the_upstream_is_billed_for_the_prompt_and_what_was_delivered() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
+    let body =
+        json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "Say hello"}]});
+    s.mock.behave(json!({"chunks": 8, "completion_tokens": 40}));
+    let full = s.gw.chat(&s.key.key, &body);
+    let full_log = s.gw.consume_log(&request_id(&full));
+    s.mock.behave(json!({"chunks": 8, "completion_tokens": 40, "fault": "disconnect_mid_stream", "fault_after_chunks": 2}));
+
+    let mut stream =
+        HttpRequest::post("/v1/chat/completions").bearer(&s.key.key).json(&body).open(s.gw.addr).unwrap();
+    let id = stream.header("x-request-id").unwrap().to_string();
+    while let Ok(Some(_)) = stream.next_event() {}
+
+    let cut_log = s.gw.consume_log(&id);
+    let cut = cut_log["completion_tokens"].as_i64().unwrap();
+    assert_eq!(cut_log["prompt_tokens"], full_log["prompt_tokens"], "the prompt is billed in full");
+    assert!(cut > 0, "delivered text is billed: {cut_log}");
+    assert!(
+        cut < full_log["completion_tokens"].as_i64().unwrap() / 2,
+        "only what was delivered: {cut_log} vs {full_log}"
+    );
+}
