@@ -198,15 +198,26 @@ async fn relay_steps(
         ctx.upstream_wait += started.elapsed();
         match outcome {
             Ok(answer) => {
-                let delivered = match answer {
-                    Answer::Complete(full) => respond_full(ctx, resp, full, endpoint.protocol()).await,
+                // The consume event is handed to storage before the response's last byte, so a
+                // client that has read the whole answer can already find its log.
+                match answer {
+                    Answer::Complete(full) => {
+                        let delivered = full_delivered(&full, endpoint.protocol());
+                        let usage = measured_usage(endpoint, &info, &req.body, delivered);
+                        settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
+                        respond_full(ctx, resp, full).await;
+                    }
                     Answer::Stream(stream) => {
                         let (upstream, converter) = *stream;
-                        respond_stream(worker, ctx, resp, upstream, converter, endpoint.protocol()).await
+                        let (delivered, open) =
+                            respond_stream(worker, ctx, resp, upstream, converter, endpoint.protocol()).await;
+                        let usage = measured_usage(endpoint, &info, &req.body, delivered);
+                        settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
+                        if open {
+                            let _ = resp.finish_stream().await;
+                        }
                     }
-                };
-                let usage = measured_usage(endpoint, &info, &req.body, delivered);
-                settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
+                }
                 return Ok(());
             }
             Err(err) => {
@@ -500,28 +511,27 @@ pub enum Delivered {
     Unreported { completion_text: String },
 }
 
-/// Step 6a: a complete response, already in the client's protocol.
-pub async fn respond_full(
-    ctx: &RequestCtx,
-    resp: &mut Responder<'_>,
-    full: FullAnswer,
-    client: Protocol,
-) -> Delivered {
-    let overhead = ctx.overhead_us().to_string();
-    let headers = success_headers(ctx, &overhead, &full.content_type);
-    let delivered = match full.usage {
+/// What a complete answer delivers: its reported usage, else its text.
+fn full_delivered(full: &FullAnswer, client: Protocol) -> Delivered {
+    match full.usage {
         Some(u) => Delivered::Reported(u),
         None => Delivered::Unreported {
             completion_text: burncloud_adaptors::response_text(client, &full.body).unwrap_or_default(),
         },
-    };
+    }
+}
+
+/// Step 6a: a complete response, already in the client's protocol.
+pub async fn respond_full(ctx: &RequestCtx, resp: &mut Responder<'_>, full: FullAnswer) {
+    let overhead = ctx.overhead_us().to_string();
+    let headers = success_headers(ctx, &overhead, &full.content_type);
     let _ = resp.send(full.status, &headers, full.body).await;
-    delivered
 }
 
 /// Step 6b: a stream, each upstream chunk converted to the client's protocol and written as it
 /// arrives. Returns the usage the upstream reported, if it did before the stream ended, else the text
-/// delivered to the client.
+/// delivered to the client; and whether the client stream is still open (the caller finishes it
+/// after settling).
 pub async fn respond_stream(
     worker: &Worker,
     ctx: &mut RequestCtx,
@@ -529,10 +539,10 @@ pub async fn respond_stream(
     mut upstream: UpstreamResponse,
     mut converter: StreamConverter,
     client: Protocol,
-) -> Delivered {
+) -> (Delivered, bool) {
     let overhead = ctx.overhead_us().to_string();
     if resp.start_stream(200, &success_headers(ctx, &overhead, "text/event-stream")).await.is_err() {
-        return stream_delivered(&converter);
+        return (stream_delivered(&converter), false);
     }
     let mut out = BytesMut::new();
     loop {
@@ -544,7 +554,7 @@ pub async fn respond_stream(
                 converter.feed(&bytes, &mut out);
                 if !out.is_empty() && resp.send_chunk(out.split().freeze()).await.is_err() {
                     tracing::info!(request_id = %ctx.id, "client went away mid-stream");
-                    return stream_delivered(&converter);
+                    return (stream_delivered(&converter), false);
                 }
             }
             Ok(None) => {
@@ -559,11 +569,8 @@ pub async fn respond_stream(
             }
         }
     }
-    if !out.is_empty() {
-        let _ = resp.send_chunk(out.freeze()).await;
-    }
-    let _ = resp.finish_stream().await;
-    stream_delivered(&converter)
+    let open = out.is_empty() || resp.send_chunk(out.freeze()).await.is_ok();
+    (stream_delivered(&converter), open)
 }
 
 fn stream_delivered(converter: &StreamConverter) -> Delivered {
