@@ -8,6 +8,9 @@
 
 pub mod apikey;
 pub mod error;
+pub mod filter;
+pub mod health;
+pub mod lease;
 pub mod model;
 pub mod password;
 pub mod pricing;

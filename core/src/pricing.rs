@@ -1,8 +1,11 @@
 //! Pricing: what a request costs in quota, from New API's ratio options.
 //!
-//! `quota = round((prompt + completion × CompletionRatio) × ModelRatio × GroupRatio)`, at least 1 when
-//! the ratio product is non-zero; fixed-price models cost `ModelPrice × 500000 × GroupRatio` per call.
-//! Ratios are looked up by the model name the client asked for, never the upstream's mapped name.
+//! `quota = round(((prompt − cached) + cached × CacheRatio + completion × CompletionRatio) × ModelRatio ×
+//! GroupRatio)`, at least 1 when the ratio product is non-zero; fixed-price models cost
+//! `ModelPrice × 500000 × GroupRatio` per call. Ratios are looked up by the model name the client asked
+//! for, never the upstream's mapped name. The pre-deduction prices the estimated prompt plus `max_tokens`
+//! (or a configured default) as completion, so it covers the request unless the prompt estimate is low or
+//! the upstream writes past `max_tokens`.
 
 use std::collections::HashMap;
 
@@ -21,7 +24,7 @@ pub struct PriceTable {
 /// How a model is priced, once looked up.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Price {
-    Ratio { model_ratio: f64, completion_ratio: f64, group_ratio: f64 },
+    Ratio { model_ratio: f64, completion_ratio: f64, group_ratio: f64, cache_ratio: f64 },
     PerCall { usd: f64, group_ratio: f64 },
 }
 
@@ -39,6 +42,24 @@ pub fn default_model_ratios() -> HashMap<String, f64> {
         ("claude-3-5-haiku-20241022", 0.4),
         ("gemini-1.5-flash", 0.0375),
         ("gemini-2.0-flash", 0.05),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Cache ratios shipped for common models: the price of a cached prompt token relative to a fresh one.
+/// A model without one pays cached tokens in full (ratio 1).
+pub fn default_cache_ratios() -> HashMap<String, f64> {
+    [
+        ("gpt-4o", 0.5),
+        ("gpt-4o-mini", 0.5),
+        ("gpt-4.1", 0.25),
+        ("gpt-4.1-mini", 0.25),
+        ("claude-3-5-sonnet-20241022", 0.1),
+        ("claude-3-5-haiku-20241022", 0.1),
+        ("gemini-1.5-flash", 0.25),
+        ("gemini-2.0-flash", 0.25),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -77,17 +98,37 @@ impl PriceTable {
         }
         let model_ratio = *self.model_ratio.get(model)?;
         let completion_ratio = self.completion_ratio.get(model).copied().unwrap_or(1.0);
-        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio })
+        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio: 1.0 })
     }
 }
 
 impl Price {
-    /// Quota for the given usage.
+    /// The same price with `CacheRatio` set (looked up by the client-facing model name).
+    pub fn with_cache_ratio(self, ratio: f64) -> Price {
+        match self {
+            Price::Ratio { model_ratio, completion_ratio, group_ratio, .. } => {
+                Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio: ratio }
+            }
+            per_call @ Price::PerCall { .. } => per_call,
+        }
+    }
+
+    /// Quota for the given usage, no prompt tokens cached.
     pub fn quota(&self, prompt_tokens: i64, completion_tokens: i64) -> Quota {
+        self.quota_cached(prompt_tokens, 0, completion_tokens)
+    }
+
+    /// Quota for the given usage, `cached_tokens` of the prompt served from the provider's cache
+    /// (clamped to the prompt).
+    pub fn quota_cached(&self, prompt_tokens: i64, cached_tokens: i64, completion_tokens: i64) -> Quota {
         match *self {
-            Price::Ratio { model_ratio, completion_ratio, group_ratio } => {
+            Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio } => {
                 let ratio = model_ratio * group_ratio;
-                let tokens = prompt_tokens.max(0) as f64 + completion_tokens.max(0) as f64 * completion_ratio;
+                let prompt = prompt_tokens.max(0);
+                let cached = cached_tokens.clamp(0, prompt);
+                let tokens = (prompt - cached) as f64
+                    + cached as f64 * cache_ratio
+                    + completion_tokens.max(0) as f64 * completion_ratio;
                 let q = (tokens * ratio).round() as Quota;
                 if ratio != 0.0 && q == 0 { 1 } else { q }
             }
@@ -95,6 +136,17 @@ impl Price {
                 (usd * QUOTA_PER_USD as f64 * group_ratio).round() as Quota
             }
         }
+    }
+
+    /// What to set aside before forwarding: the estimated prompt plus the completion the request may
+    /// produce (`max_tokens`, or `default_max_tokens` when the client set none), priced as usage.
+    pub fn pre_deduction(
+        &self,
+        estimated_prompt: i64,
+        max_tokens: Option<i64>,
+        default_max_tokens: i64,
+    ) -> Quota {
+        self.quota(estimated_prompt, max_tokens.unwrap_or(default_max_tokens))
     }
 }
 
@@ -139,7 +191,57 @@ mod tests {
         assert!(table().price("mystery", "default").is_none());
     }
 
+    #[test]
+    fn cached_prompt_tokens_cost_the_cache_ratio() {
+        let p = table().price("gpt-4o", "default").unwrap().with_cache_ratio(0.5);
+        // ((100 − 40) + 40 × 0.5 + 50 × 4) × 1.25 = 350
+        assert_eq!(p.quota_cached(100, 40, 50), 350);
+    }
+
+    #[test]
+    fn without_a_cache_ratio_cached_tokens_cost_in_full() {
+        let p = table().price("gpt-4o", "default").unwrap();
+        assert_eq!(p.quota_cached(100, 40, 50), p.quota(100, 50));
+    }
+
+    #[test]
+    fn the_pre_deduction_prices_max_tokens_as_completion() {
+        let p = table().price("gpt-4o", "default").unwrap();
+        assert_eq!(p.pre_deduction(100, Some(50), 4096), 375);
+        assert_eq!(p.pre_deduction(100, None, 50), 375);
+    }
+
+    fn ratio_price() -> impl Strategy<Value = Price> {
+        (0.0f64..10.0, 0.0f64..8.0, 0.0f64..4.0, 0.0f64..=1.0).prop_map(|(m, c, g, k)| Price::Ratio {
+            model_ratio: m,
+            completion_ratio: c,
+            group_ratio: g,
+            cache_ratio: k,
+        })
+    }
+
     proptest! {
+        #[test]
+        fn caching_never_makes_a_request_dearer(
+            price in ratio_price(), p in 0i64..1_000_000, cached in 0i64..1_000_000, c in 0i64..100_000,
+        ) {
+            prop_assert!(price.quota_cached(p, cached, c) <= price.quota(p, c));
+        }
+
+        #[test]
+        fn the_pre_deduction_covers_any_usage_within_the_estimate(
+            price in ratio_price(), est in 0i64..200_000, max in 0i64..32_000,
+            used_p in 0i64..200_000, used_c in 0i64..32_000, cached in 0i64..200_000,
+        ) {
+            let (used_p, used_c) = (used_p.min(est), used_c.min(max));
+            prop_assert!(price.quota_cached(used_p, cached, used_c) <= price.pre_deduction(est, Some(max), 0));
+        }
+
+        #[test]
+        fn quota_is_never_negative(price in ratio_price(), p in any::<i64>(), cached in any::<i64>(), c in any::<i64>()) {
+            prop_assert!(price.quota_cached(p, cached, c) >= 0);
+        }
+
         #[test]
         fn cost_is_monotonic_in_tokens(p in 0i64..1_000_000, c in 0i64..1_000_000, extra in 0i64..1000) {
             let price = table().price("gpt-4o-mini", "default").unwrap();

@@ -1,0 +1,512 @@
+//! [`ModelLedger`]: the exact in-memory ledger. It is the reference implementation of [`Ledger`]: the
+//! simulator runs against it, the embedded backend wraps it, and the Redis scripts must agree with it
+//! call for call.
+//!
+//! It persists the way the protocol requires (`docs/LEASES.md`): a snapshot plus a log of every call
+//! that changed state, appended before the call answers. [`ModelLedger::restart`] rebuilds the state
+//! from those two alone, which is what a crashed ledger process does. Never does I/O itself: writing
+//! the snapshot and the log to disk is the embedding backend's job.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::lease::ids::{Account, CallId, HolderId, InstanceId, Millis, TopUpId};
+use crate::lease::ledger::{Ledger, LedgerError, Reclaim};
+use crate::model::Quota;
+
+/// An account as the ledger sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountRow {
+    /// Spendable; negative only through debts given back.
+    pub balance: Quota,
+    /// Settled spend reported so far (cumulative).
+    pub reported: Quota,
+}
+
+/// One holder's journal entry for one account.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Row {
+    /// Funds the holder holds (leased, reserved or spent but not yet reported).
+    pub amount: Quota,
+    /// The last call applied on this row (0: none).
+    pub last_seq: u64,
+    /// What that call granted, if it was a take; answered again to a retry.
+    pub last_grant: Quota,
+}
+
+/// An instance as the ledger sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceRow {
+    pub beat: Millis,
+    pub fenced: bool,
+}
+
+/// Everything the ledger persists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LedgerState {
+    pub accounts: BTreeMap<Account, AccountRow>,
+    pub rows: BTreeMap<(HolderId, Account), Row>,
+    pub instances: BTreeMap<InstanceId, InstanceRow>,
+    pub top_ups: BTreeSet<TopUpId>,
+}
+
+/// A call that changed the state, as appended to the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedgerOp {
+    Take { call: CallId, want: Quota, floor: Quota },
+    GiveBack { call: CallId, amount: Quota },
+    ReportSpend { call: CallId, amount: Quota },
+    Heartbeat { instance: InstanceId, now: Millis },
+    Reclaim { instance: InstanceId, now: Millis, ttl: Millis },
+    TopUp { id: TopUpId, account: Account, amount: Quota },
+}
+
+/// Whether a row call is new or a repeat of the row's last call.
+enum Seq {
+    Next,
+    Repeat,
+}
+
+impl LedgerState {
+    /// `Σ rows` of one account: the funds all holders hold.
+    pub fn held(&self, account: Account) -> Quota {
+        self.rows.iter().filter(|((_, a), _)| *a == account).map(|(_, r)| r.amount).sum()
+    }
+
+    fn row_seq(&self, call: CallId) -> Result<Seq, LedgerError> {
+        if call.seq == 0 {
+            return Err(LedgerError::Invalid("call sequence numbers start at 1"));
+        }
+        let last_seq = self.rows.get(&(call.holder, call.account)).map_or(0, |r| r.last_seq);
+        match self.instances.get(&call.holder.instance) {
+            None => return Err(LedgerError::UnknownInstance),
+            Some(i) if i.fenced => return Err(LedgerError::Fenced { last_seq }),
+            Some(_) => {}
+        }
+        match call.seq.cmp(&last_seq) {
+            std::cmp::Ordering::Equal => Ok(Seq::Repeat),
+            std::cmp::Ordering::Less => Err(LedgerError::Stale { last_seq }),
+            std::cmp::Ordering::Greater => Ok(Seq::Next),
+        }
+    }
+
+    /// Applies a row call that passed the sequence check: moves `to_row` from the balance into the row
+    /// and `to_reported` from the row into the reported spend.
+    fn move_funds(&mut self, call: CallId, to_row: Quota, to_reported: Quota, grant: Quota) {
+        let acct = self.accounts.entry(call.account).or_default();
+        acct.balance -= to_row;
+        acct.reported += to_reported;
+        let row = self.rows.entry((call.holder, call.account)).or_default();
+        row.amount += to_row - to_reported;
+        row.last_seq = call.seq;
+        row.last_grant = grant;
+    }
+
+    fn take(&mut self, call: CallId, want: Quota, floor: Quota) -> Result<(Quota, bool), LedgerError> {
+        if want < 0 || floor < 0 {
+            return Err(LedgerError::Invalid("take wants a non-negative amount"));
+        }
+        if let Seq::Repeat = self.row_seq(call)? {
+            let grant = self.rows.get(&(call.holder, call.account)).map_or(0, |r| r.last_grant);
+            return Ok((grant, false));
+        }
+        let balance = self.accounts.get(&call.account).map_or(0, |a| a.balance);
+        let grant = if balance >= floor.max(1) { want.max(floor).min(balance) } else { 0 };
+        self.move_funds(call, grant, 0, grant);
+        Ok((grant, true))
+    }
+
+    fn give_back(&mut self, call: CallId, amount: Quota) -> Result<bool, LedgerError> {
+        match self.row_seq(call)? {
+            Seq::Repeat => Ok(false),
+            Seq::Next => {
+                self.move_funds(call, -amount, 0, 0);
+                Ok(true)
+            }
+        }
+    }
+
+    fn report_spend(&mut self, call: CallId, amount: Quota) -> Result<bool, LedgerError> {
+        if amount < 0 {
+            return Err(LedgerError::Invalid("reported spend is never negative"));
+        }
+        match self.row_seq(call)? {
+            Seq::Repeat => Ok(false),
+            Seq::Next => {
+                self.move_funds(call, 0, amount, 0);
+                Ok(true)
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<(), LedgerError> {
+        let row = self.instances.entry(instance).or_default();
+        if row.fenced {
+            return Err(LedgerError::Fenced { last_seq: 0 });
+        }
+        row.beat = now;
+        Ok(())
+    }
+
+    fn reclaim(&mut self, instance: InstanceId, now: Millis, ttl: Millis) -> (Reclaim, bool) {
+        let Some(row) = self.instances.get_mut(&instance) else { return (Reclaim::Unknown, false) };
+        if row.fenced {
+            return (Reclaim::AlreadyFenced, false);
+        }
+        if now.saturating_sub(row.beat) < ttl {
+            return (Reclaim::Alive, false);
+        }
+        row.fenced = true;
+        let mut returned = Vec::new();
+        for ((holder, account), r) in self.rows.iter_mut().filter(|((h, _), _)| h.instance == instance) {
+            let acct = self.accounts.entry(*account).or_default();
+            acct.balance += r.amount;
+            returned.push((CallId { holder: *holder, account: *account, seq: r.last_seq }, r.amount));
+            r.amount = 0;
+        }
+        (Reclaim::Reclaimed { returned }, true)
+    }
+
+    fn stale_instances(&self, now: Millis, ttl: Millis) -> Vec<InstanceId> {
+        self.instances
+            .iter()
+            .filter(|(_, r)| !r.fenced && now.saturating_sub(r.beat) >= ttl)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn top_up(&mut self, id: TopUpId, account: Account, amount: Quota) -> bool {
+        if !self.top_ups.insert(id) {
+            return false;
+        }
+        self.accounts.entry(account).or_default().balance += amount;
+        true
+    }
+
+    /// Applies a logged call again; the answer was already given once and is not needed.
+    fn replay(&mut self, op: &LedgerOp) {
+        // Every logged call succeeded when it was first applied and the state it meets now is the same,
+        // so replaying it succeeds the same way; its answer is discarded.
+        let _ = match *op {
+            LedgerOp::Take { call, want, floor } => self.take(call, want, floor).map(|_| ()),
+            LedgerOp::GiveBack { call, amount } => self.give_back(call, amount).map(|_| ()),
+            LedgerOp::ReportSpend { call, amount } => self.report_spend(call, amount).map(|_| ()),
+            LedgerOp::Heartbeat { instance, now } => self.heartbeat(instance, now),
+            LedgerOp::Reclaim { instance, now, ttl } => {
+                self.reclaim(instance, now, ttl);
+                Ok(())
+            }
+            LedgerOp::TopUp { id, account, amount } => {
+                self.top_up(id, account, amount);
+                Ok(())
+            }
+        };
+    }
+}
+
+/// The exact in-memory ledger, with its persistence (snapshot + log) kept alongside.
+#[derive(Debug, Clone)]
+pub struct ModelLedger {
+    state: LedgerState,
+    snapshot: LedgerState,
+    log: Vec<LedgerOp>,
+    /// Take a new snapshot (and truncate the log) after this many logged calls.
+    snapshot_every: usize,
+}
+
+impl Default for ModelLedger {
+    fn default() -> Self {
+        Self::new(1024)
+    }
+}
+
+impl ModelLedger {
+    pub fn new(snapshot_every: usize) -> Self {
+        Self {
+            state: LedgerState::default(),
+            snapshot: LedgerState::default(),
+            log: Vec::new(),
+            snapshot_every: snapshot_every.max(1),
+        }
+    }
+
+    /// Rebuilds a ledger from what it persisted: the last snapshot, then every logged call in order.
+    pub fn restore(snapshot: LedgerState, log: &[LedgerOp], snapshot_every: usize) -> Self {
+        let mut state = snapshot.clone();
+        for op in log {
+            state.replay(op);
+        }
+        Self { state, snapshot, log: log.to_vec(), snapshot_every: snapshot_every.max(1) }
+    }
+
+    /// A crash and restart: the live state is dropped and rebuilt from the snapshot and the log.
+    pub fn restart(&mut self) {
+        *self = Self::restore(self.snapshot.clone(), &self.log, self.snapshot_every);
+    }
+
+    pub fn state(&self) -> &LedgerState {
+        &self.state
+    }
+
+    /// What is persisted now: the snapshot and the log since it.
+    pub fn persisted(&self) -> (&LedgerState, &[LedgerOp]) {
+        (&self.snapshot, &self.log)
+    }
+
+    pub fn account(&self, account: Account) -> AccountRow {
+        self.state.accounts.get(&account).copied().unwrap_or_default()
+    }
+
+    pub fn row(&self, holder: HolderId, account: Account) -> Row {
+        self.state.rows.get(&(holder, account)).copied().unwrap_or_default()
+    }
+
+    pub fn instance(&self, instance: InstanceId) -> Option<InstanceRow> {
+        self.state.instances.get(&instance).copied()
+    }
+
+    fn record(&mut self, op: LedgerOp) {
+        self.log.push(op);
+        if self.log.len() >= self.snapshot_every {
+            self.snapshot = self.state.clone();
+            self.log.clear();
+        }
+    }
+}
+
+impl Ledger for ModelLedger {
+    fn take(&mut self, call: CallId, want: Quota, floor: Quota) -> Result<Quota, LedgerError> {
+        let (grant, applied) = self.state.take(call, want, floor)?;
+        if applied {
+            self.record(LedgerOp::Take { call, want, floor });
+        }
+        Ok(grant)
+    }
+
+    fn give_back(&mut self, call: CallId, amount: Quota) -> Result<(), LedgerError> {
+        if self.state.give_back(call, amount)? {
+            self.record(LedgerOp::GiveBack { call, amount });
+        }
+        Ok(())
+    }
+
+    fn report_spend(&mut self, call: CallId, amount: Quota) -> Result<(), LedgerError> {
+        if self.state.report_spend(call, amount)? {
+            self.record(LedgerOp::ReportSpend { call, amount });
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<(), LedgerError> {
+        self.state.heartbeat(instance, now)?;
+        self.record(LedgerOp::Heartbeat { instance, now });
+        Ok(())
+    }
+
+    fn reclaim(&mut self, instance: InstanceId, now: Millis, ttl: Millis) -> Result<Reclaim, LedgerError> {
+        let (outcome, applied) = self.state.reclaim(instance, now, ttl);
+        if applied {
+            self.record(LedgerOp::Reclaim { instance, now, ttl });
+        }
+        Ok(outcome)
+    }
+
+    fn stale_instances(&mut self, now: Millis, ttl: Millis) -> Result<Vec<InstanceId>, LedgerError> {
+        Ok(self.state.stale_instances(now, ttl))
+    }
+
+    fn top_up(&mut self, id: TopUpId, account: Account, amount: Quota) -> Result<(), LedgerError> {
+        if self.state.top_up(id, account, amount) {
+            self.record(LedgerOp::TopUp { id, account, amount });
+        }
+        Ok(())
+    }
+
+    fn balance(&mut self, account: Account) -> Result<Quota, LedgerError> {
+        Ok(self.account(account).balance)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const USER: Account = Account::User(1);
+
+    fn holder(instance: u64) -> HolderId {
+        HolderId { instance: InstanceId(instance), worker: 0 }
+    }
+
+    fn call(instance: u64, seq: u64) -> CallId {
+        CallId { holder: holder(instance), account: USER, seq }
+    }
+
+    fn funded(balance: Quota) -> ModelLedger {
+        let mut l = ModelLedger::new(4);
+        l.top_up(TopUpId(1), USER, balance).unwrap();
+        l.heartbeat(InstanceId(1), 0).unwrap();
+        l
+    }
+
+    fn conserved(l: &ModelLedger, funds: Quota) -> bool {
+        let a = l.account(USER);
+        a.balance + l.state().held(USER) + a.reported == funds
+    }
+
+    #[test]
+    fn take_grants_at_most_the_balance() {
+        let mut l = funded(100);
+        assert_eq!(l.take(call(1, 1), 500, 10), Ok(100));
+        assert_eq!(l.account(USER).balance, 0);
+        assert_eq!(l.row(holder(1), USER).amount, 100);
+    }
+
+    #[test]
+    fn take_grants_nothing_below_the_floor() {
+        let mut l = funded(100);
+        assert_eq!(l.take(call(1, 1), 500, 101), Ok(0));
+        assert_eq!(l.account(USER).balance, 100);
+    }
+
+    #[test]
+    fn a_retried_take_is_answered_without_granting_again() {
+        let mut l = funded(1000);
+        assert_eq!(l.take(call(1, 1), 300, 0), Ok(300));
+        assert_eq!(l.take(call(1, 1), 300, 0), Ok(300));
+        assert_eq!(l.account(USER).balance, 700);
+    }
+
+    #[test]
+    fn calls_older_than_the_rows_last_are_stale() {
+        let mut l = funded(1000);
+        l.take(call(1, 1), 300, 0).unwrap();
+        l.give_back(call(1, 5), 100).unwrap();
+        assert_eq!(l.take(call(1, 1), 300, 0), Err(LedgerError::Stale { last_seq: 5 }));
+        assert_eq!(l.account(USER).balance, 800);
+    }
+
+    #[test]
+    fn rows_need_a_heartbeat_first() {
+        let mut l = funded(1000);
+        assert_eq!(l.take(call(9, 1), 300, 0), Err(LedgerError::UnknownInstance));
+    }
+
+    #[test]
+    fn reclaim_returns_rows_after_the_ttl_and_fences_the_instance() {
+        let mut l = funded(1000);
+        l.take(call(1, 1), 300, 0).unwrap();
+        l.report_spend(call(1, 2), 50).unwrap();
+        assert_eq!(l.reclaim(InstanceId(1), 99, 100), Ok(Reclaim::Alive));
+        let r = l.reclaim(InstanceId(1), 100, 100).unwrap();
+        assert_eq!(r, Reclaim::Reclaimed { returned: vec![(call(1, 2), 250)] });
+        assert_eq!(l.account(USER).balance, 950);
+        assert_eq!(l.take(call(1, 3), 10, 0), Err(LedgerError::Fenced { last_seq: 2 }));
+        assert_eq!(l.heartbeat(InstanceId(1), 200), Err(LedgerError::Fenced { last_seq: 0 }));
+        assert!(conserved(&l, 1000));
+    }
+
+    #[test]
+    fn a_debt_given_back_takes_the_balance_negative_by_exactly_the_debt() {
+        let mut l = funded(0);
+        l.report_spend(call(1, 1), 40).unwrap();
+        l.give_back(call(1, 2), -40).unwrap();
+        assert_eq!(l.account(USER).balance, -40);
+        assert_eq!(l.take(call(1, 3), 10, 0), Ok(0));
+        assert!(conserved(&l, 0));
+    }
+
+    #[test]
+    fn top_ups_apply_once_per_id() {
+        let mut l = funded(100);
+        l.top_up(TopUpId(2), USER, 50).unwrap();
+        l.top_up(TopUpId(2), USER, 50).unwrap();
+        assert_eq!(l.account(USER).balance, 150);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Take { instance: u64, want: Quota, floor: Quota },
+        GiveBack { instance: u64, amount: Quota },
+        Report { instance: u64, amount: Quota },
+        RepeatLast,
+        Reclaim { instance: u64 },
+        TopUp { amount: Quota },
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (1u64..3, 0i64..5_000, 0i64..5_000).prop_map(|(instance, want, floor)| Op::Take {
+                instance,
+                want,
+                floor
+            }),
+            (1u64..3, -2_000i64..5_000).prop_map(|(instance, amount)| Op::GiveBack { instance, amount }),
+            (1u64..3, 0i64..3_000).prop_map(|(instance, amount)| Op::Report { instance, amount }),
+            Just(Op::RepeatLast),
+            (1u64..3).prop_map(|instance| Op::Reclaim { instance }),
+            (0i64..10_000).prop_map(|amount| Op::TopUp { amount }),
+            Just(Op::Restart),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the calls, retries and restarts: money is conserved, a take never overdraws, a
+        /// repeated call changes nothing, and a restart restores exactly.
+        #[test]
+        fn the_ledger_conserves_money(ops in proptest::collection::vec(op(), 1..120)) {
+            let mut l = funded(1_000);
+            l.heartbeat(InstanceId(2), 0).unwrap();
+            let (mut funds, mut seq, mut last, mut top_up) = (1_000, 0u64, None, 1);
+            for op in ops {
+                let before = l.state().clone();
+                let mut next = |instance| { seq += 1; call(instance, seq) };
+                match op {
+                    Op::Take { instance, want, floor } => {
+                        let c = next(instance);
+                        last = Some((c, want, floor));
+                        if let Ok(g) = l.take(c, want, floor) {
+                            prop_assert!(g == 0 || g >= floor);
+                            prop_assert!(before.accounts.get(&USER).map_or(0, |a| a.balance) < 0 || l.account(USER).balance >= 0);
+                        }
+                    }
+                    Op::GiveBack { instance, amount } => { let _ = l.give_back(next(instance), amount); }
+                    Op::Report { instance, amount } => { let _ = l.report_spend(next(instance), amount); }
+                    Op::RepeatLast => {
+                        if let Some((c, want, floor)) = last {
+                            let first = before.rows.get(&(c.holder, USER)).map(|r| r.last_grant);
+                            if let Ok(g) = l.take(c, want, floor) {
+                                prop_assert_eq!(Some(g), first);
+                            }
+                            prop_assert_eq!(l.state(), &before);
+                        }
+                    }
+                    Op::Reclaim { instance } => { l.reclaim(InstanceId(instance), 0, 0).unwrap(); }
+                    Op::TopUp { amount } => {
+                        top_up += 1;
+                        l.top_up(TopUpId(top_up), USER, amount).unwrap();
+                        funds += amount;
+                    }
+                    Op::Restart => {
+                        l.restart();
+                        prop_assert_eq!(l.state(), &before);
+                    }
+                }
+                prop_assert!(conserved(&l, funds));
+            }
+        }
+    }
+
+    #[test]
+    fn restart_rebuilds_the_same_state_from_snapshot_and_log() {
+        let mut l = funded(1000);
+        for seq in 1..=9 {
+            l.take(call(1, seq), 7 * seq as Quota, 0).unwrap();
+        }
+        l.reclaim(InstanceId(1), 10, 5).unwrap();
+        let before = l.state().clone();
+        l.restart();
+        assert_eq!(*l.state(), before);
+    }
+}
