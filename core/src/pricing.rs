@@ -12,13 +12,15 @@ use std::collections::HashMap;
 use crate::model::{QUOTA_PER_USD, Quota};
 
 /// The ratio options in force, parsed from the option table (`ModelRatio`, `CompletionRatio`,
-/// `GroupRatio`, `ModelPrice`).
+/// `GroupRatio`, `ModelPrice`, `CacheRatio`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PriceTable {
     pub model_ratio: HashMap<String, f64>,
     pub completion_ratio: HashMap<String, f64>,
     pub group_ratio: HashMap<String, f64>,
     pub model_price: HashMap<String, f64>,
+    /// Price of a cached prompt token relative to an uncached one; 1 when a model has none.
+    pub cache_ratio: HashMap<String, f64>,
 }
 
 /// How a model is priced, once looked up.
@@ -98,7 +100,8 @@ impl PriceTable {
         }
         let model_ratio = *self.model_ratio.get(model)?;
         let completion_ratio = self.completion_ratio.get(model).copied().unwrap_or(1.0);
-        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio: 1.0 })
+        let cache_ratio = self.cache_ratio.get(model).copied().unwrap_or(1.0);
+        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio })
     }
 }
 
@@ -158,6 +161,7 @@ mod tests {
 
     fn table() -> PriceTable {
         PriceTable {
+            cache_ratio: HashMap::new(),
             model_ratio: default_model_ratios(),
             completion_ratio: default_completion_ratios(),
             group_ratio: [("vip".to_string(), 0.5)].into_iter().collect(),

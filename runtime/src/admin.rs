@@ -640,7 +640,7 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
         | option_keys::COMPLETION_RATIO
         | option_keys::GROUP_RATIO
         | option_keys::MODEL_PRICE
-        | "CacheRatio" => {
+        | option_keys::CACHE_RATIO => {
             let map = burncloud_core::pricing::PriceTable::parse_ratio_map(value)
                 .map_err(|e| bad(format!("{key} must be a JSON object of name → number: {e}")))?;
             if let Some((name, _)) = map.iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {

@@ -661,7 +661,7 @@ pub fn settle(
     let quota = snapshot
         .prices
         .price(&info.model, group)
-        .map(|p| p.quota(usage.prompt_tokens, usage.completion_tokens))
+        .map(|p| p.quota_cached(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))
         .unwrap_or(0);
     let log = LogEntry {
         id: 0,

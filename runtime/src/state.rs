@@ -27,6 +27,7 @@ pub mod option_keys {
     pub const COMPLETION_RATIO: &str = "CompletionRatio";
     pub const GROUP_RATIO: &str = "GroupRatio";
     pub const MODEL_PRICE: &str = "ModelPrice";
+    pub const CACHE_RATIO: &str = "CacheRatio";
     pub const RETRY_TIMES: &str = "RetryTimes";
     pub const ADMIN_KEY_HASH: &str = "AdminKeyHash";
 }
@@ -59,6 +60,7 @@ impl Snapshot {
             completion_ratio: ratio(option_keys::COMPLETION_RATIO, pricing::default_completion_ratios()),
             group_ratio: ratio(option_keys::GROUP_RATIO, HashMap::new()),
             model_price: ratio(option_keys::MODEL_PRICE, HashMap::new()),
+            cache_ratio: ratio(option_keys::CACHE_RATIO, pricing::default_cache_ratios()),
         };
         let retry_times =
             data.options.get(option_keys::RETRY_TIMES).and_then(|v| v.trim().parse().ok()).unwrap_or(1);
