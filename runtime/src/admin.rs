@@ -653,6 +653,13 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
             _ => Err(bad("RetryTimes must be an integer from 0 to 10")),
         },
         option_keys::ADMIN_KEY_HASH => Err(bad("AdminKeyHash cannot be set through the API")),
+        option_keys::SENSITIVE_WORDS | option_keys::SENSITIVE_REGEXES => {
+            let (words, regexes) =
+                if key == option_keys::SENSITIVE_WORDS { (value, "") } else { ("", value) };
+            burncloud_core::filter::FilterSet::build(words, regexes)
+                .map(|_| ())
+                .map_err(|e| bad(format!("{key}: {e}")))
+        }
         "" => Err(bad("key is required")),
         _ => Ok(()),
     }

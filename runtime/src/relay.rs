@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use burncloud_adaptors::{RequestOptions, ResponseMeta, StreamConverter, Usage};
 use burncloud_adaptors::{openai, tokens};
 use burncloud_core::error::Protocol;
+use burncloud_core::filter::FilterSet;
 use burncloud_core::model::{self, Channel, ChannelType, LogEntry, STATUS_ENABLED};
 use burncloud_core::{ErrorKind, GatewayError, apikey};
 use burncloud_storage::ConsumeEvent;
@@ -173,6 +174,7 @@ async fn relay_steps(
     let group = effective_group(&caller);
     authorize(&caller, &info.model, req.peer.ip())?;
     let snapshot = worker.shared.snapshot.load_full();
+    check_prompt(&snapshot.filter, endpoint, &info, &req.body)?;
     if !snapshot.abilities.serves(group, &info.model) {
         return Err(GatewayError::client(
             ErrorKind::ModelNotAvailable,
@@ -203,14 +205,27 @@ async fn relay_steps(
                 match answer {
                     Answer::Complete(full) => {
                         let delivered = full_delivered(&full, endpoint.protocol());
+                        let blocked = completion_blocked(&snapshot.filter, &full, endpoint.protocol());
                         let usage = measured_usage(endpoint, &info, &req.body, delivered);
                         settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
-                        respond_full(ctx, resp, full).await;
+                        match blocked {
+                            Some(err) => return Err(err),
+                            None => respond_full(ctx, resp, full).await,
+                        }
                     }
                     Answer::Stream(stream) => {
                         let (upstream, converter) = *stream;
-                        let (delivered, open) =
-                            respond_stream(worker, ctx, resp, upstream, converter, endpoint.protocol()).await;
+                        let filter = snapshot.filter.clone();
+                        let (delivered, open) = respond_stream(
+                            worker,
+                            ctx,
+                            resp,
+                            upstream,
+                            converter,
+                            endpoint.protocol(),
+                            &filter,
+                        )
+                        .await;
                         let usage = measured_usage(endpoint, &info, &req.body, delivered);
                         settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
                         if open {
@@ -539,7 +554,9 @@ pub async fn respond_stream(
     mut upstream: UpstreamResponse,
     mut converter: StreamConverter,
     client: Protocol,
+    filter: &FilterSet,
 ) -> (Delivered, bool) {
+    let mut watch = (!filter.is_empty()).then(|| filter.stream());
     let overhead = ctx.overhead_us().to_string();
     if resp.start_stream(200, &success_headers(ctx, &overhead, "text/event-stream")).await.is_err() {
         return (stream_delivered(&converter), false);
@@ -551,7 +568,17 @@ pub async fn respond_stream(
         ctx.upstream_wait += started.elapsed();
         match chunk {
             Ok(Some(bytes)) => {
+                let seen = converter.delivered_text().len();
                 converter.feed(&bytes, &mut out);
+                let fresh = converter.delivered_text().get(seen..).unwrap_or("");
+                if let Some(m) = watch.as_mut().and_then(|w| w.push(fresh)) {
+                    // The chunk that completed the match is withheld; the stream ends with the error.
+                    out.clear();
+                    tracing::info!(request_id = %ctx.id, pattern = %m.pattern, "completion blocked by the content filter");
+                    let err = blocked_error(&m);
+                    out.extend_from_slice(&stream_error_event(&err, client));
+                    break;
+                }
                 if !out.is_empty() && resp.send_chunk(out.split().freeze()).await.is_err() {
                     tracing::info!(request_id = %ctx.id, "client went away mid-stream");
                     return (stream_delivered(&converter), false);
@@ -623,16 +650,65 @@ fn chat_prompt_tokens(protocol: Protocol, model: &str, body: &[u8], stream: bool
     }
 }
 
-/// The `prompt` (completions) or `input` (embeddings) text of a legacy OpenAI request.
-fn legacy_prompt_tokens(model: &str, body: &[u8]) -> i64 {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return 0 };
-    let field = v.get("prompt").or_else(|| v.get("input"));
-    let texts: Vec<&str> = match field {
-        Some(serde_json::Value::String(s)) => vec![s.as_str()],
-        Some(serde_json::Value::Array(items)) => items.iter().filter_map(serde_json::Value::as_str).collect(),
+/// The `prompt` (completions) or `input` (embeddings) texts of a legacy OpenAI request.
+fn legacy_prompt_text(body: &[u8]) -> Vec<String> {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return Vec::new() };
+    match v.get("prompt").or_else(|| v.get("input")) {
+        Some(serde_json::Value::String(s)) => vec![s.clone()],
+        Some(serde_json::Value::Array(items)) => {
+            items.iter().filter_map(serde_json::Value::as_str).map(str::to_string).collect()
+        }
         _ => Vec::new(),
+    }
+}
+
+fn legacy_prompt_tokens(model: &str, body: &[u8]) -> i64 {
+    legacy_prompt_text(body).iter().map(|t| i64::from(tokens::count_text(model, t))).sum()
+}
+
+/// Step 3b: refuses a prompt the content filter blocks (only decoded for it when a list is set).
+pub fn check_prompt(
+    filter: &FilterSet,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+) -> Result<(), GatewayError> {
+    if filter.is_empty() {
+        return Ok(());
+    }
+    let text = match endpoint {
+        Endpoint::Completions | Endpoint::Embeddings => legacy_prompt_text(body).join("\n"),
+        Endpoint::Chat(_) | Endpoint::Gemini { .. } => {
+            let opts = RequestOptions { stream: Some(info.stream), ..RequestOptions::default() };
+            burncloud_adaptors::summarize_request(endpoint.protocol(), body, &opts)
+                .map(|s| s.prompt_text)
+                .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+        }
     };
-    texts.iter().map(|t| i64::from(tokens::count_text(model, t))).sum()
+    match filter.check(&text) {
+        Some(m) => Err(blocked_error(&m)),
+        None => Ok(()),
+    }
+}
+
+/// A complete answer the content filter blocks, as the error the client gets instead.
+fn completion_blocked(filter: &FilterSet, full: &FullAnswer, client: Protocol) -> Option<GatewayError> {
+    if filter.is_empty() {
+        return None;
+    }
+    let text = burncloud_adaptors::response_text(client, &full.body).unwrap_or_default();
+    filter.check(&text).map(|m| blocked_error(&m))
+}
+
+fn blocked_error(m: &burncloud_core::filter::Match) -> GatewayError {
+    let list = match m.kind {
+        burncloud_core::filter::PatternKind::Keyword => "keyword",
+        burncloud_core::filter::PatternKind::Regex => "pattern",
+    };
+    GatewayError::client(
+        ErrorKind::ContentFiltered,
+        format!("blocked by the content filter ({list} #{})", m.index + 1),
+    )
 }
 
 /// The event that tells a streaming client the upstream broke, in its protocol.

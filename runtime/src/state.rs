@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use burncloud_core::filter::FilterSet;
 use burncloud_core::model::{Channel, Token, User};
 use burncloud_core::pricing::{self, PriceTable};
 use burncloud_core::routing::AbilityIndex;
@@ -30,6 +31,10 @@ pub mod option_keys {
     pub const CACHE_RATIO: &str = "CacheRatio";
     pub const RETRY_TIMES: &str = "RetryTimes";
     pub const ADMIN_KEY_HASH: &str = "AdminKeyHash";
+    /// Content-filter keywords: one per line, or a JSON array (as New API's `SensitiveWords`).
+    pub const SENSITIVE_WORDS: &str = "SensitiveWords";
+    /// Content-filter regular expressions: one per line, or a JSON array.
+    pub const SENSITIVE_REGEXES: &str = "SensitiveRegexes";
 }
 
 /// The configuration every request is served under; immutable once published.
@@ -41,6 +46,8 @@ pub struct Snapshot {
     /// How many further channels a failed request may try.
     pub retry_times: usize,
     pub options: BTreeMap<String, String>,
+    /// Applied to prompts and completions; empty when no list is configured.
+    pub filter: FilterSet,
 }
 
 impl Snapshot {
@@ -64,9 +71,21 @@ impl Snapshot {
         };
         let retry_times =
             data.options.get(option_keys::RETRY_TIMES).and_then(|v| v.trim().parse().ok()).unwrap_or(1);
+        let filter = filter_from(&data.options).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "content filter lists are invalid; filtering is off until they are fixed");
+            FilterSet::default()
+        });
         let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
-        Snapshot { channels, abilities, prices, retry_times, options: data.options }
+        Snapshot { channels, abilities, prices, retry_times, options: data.options, filter }
     }
+}
+
+/// The content filter configured by the `SensitiveWords` and `SensitiveRegexes` options.
+pub fn filter_from(
+    options: &BTreeMap<String, String>,
+) -> Result<FilterSet, burncloud_core::filter::FilterError> {
+    let get = |k: &str| options.get(k).map(String::as_str).unwrap_or("");
+    FilterSet::build(get(option_keys::SENSITIVE_WORDS), get(option_keys::SENSITIVE_REGEXES))
 }
 
 /// A request to the control thread.

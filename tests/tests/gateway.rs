@@ -1195,3 +1195,76 @@ fn a_stream_cut_by_the_upstream_is_billed_for_the_prompt_and_what_was_delivered(
         "only what was delivered: {cut_log} vs {full_log}"
     );
 }
+
+// ---------------------------------------------------------------- content filter
+
+#[test]
+fn a_prompt_with_a_blocked_keyword_or_pattern_is_refused_before_any_upstream_call() {
+    let s = setup();
+    s.gw.put_option("SensitiveWords", "forbidden-word\nother");
+    s.gw.put_option("SensitiveRegexes", r"\b\d{4}-\d{4}-\d{4}-\d{4}\b");
+    let ask = |text: &str| {
+        s.gw.chat(&s.key.key, &json!({"model": "gpt-x", "messages": [{"role": "user", "content": text}]}))
+    };
+
+    assert_error(&ask("this has a FORBIDDEN-WORD inside"), 400, "content_filtered");
+    assert_error(&ask("my card is 1234-5678-9012-3456"), 400, "content_filtered");
+    let anthropic = s.gw.post(
+        "/v1/messages",
+        &s.key.key,
+        &json!({"model": "gpt-x", "max_tokens": 10, "messages": [{"role": "user", "content": "forbidden-word"}]}),
+    );
+    assert_eq!(anthropic.status, 400, "{}", anthropic.text());
+    assert_eq!(anthropic.json()["error"]["type"], "invalid_request_error");
+    assert!(s.mock.requests().is_empty(), "a blocked prompt reached the upstream");
+    assert_eq!(ask("a harmless question").status, 200);
+}
+
+#[test]
+fn a_blocked_completion_is_replaced_by_an_error_and_still_billed() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
+    s.gw.put_option("SensitiveWords", "upstream of");
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+
+    assert_error(&resp, 400, "content_filtered");
+    assert!(!resp.text().contains("upstream of"), "{}", resp.text());
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert!(log["quota"].as_i64().unwrap() > 0, "the upstream answered, so the call is billed: {log}");
+}
+
+#[test]
+fn a_blocked_keyword_split_across_stream_chunks_ends_the_stream_with_an_error_event() {
+    let s = setup();
+    s.mock.behave(json!({"chunks": 5, "completion_tokens": 20, "chunk_gap_ms": 30}));
+    // The mock's first two content events, sent 30 ms apart, are "Hello from the mock" and " upstream of BurnCloud Hello":
+    // the keyword straddles them.
+    s.gw.put_option("SensitiveWords", "MOCK UPSTREAM");
+
+    let mut stream = HttpRequest::post("/v1/chat/completions")
+        .bearer(&s.key.key)
+        .json(&stream_body("gpt-x"))
+        .open(s.gw.addr)
+        .unwrap();
+    let mut events = Vec::new();
+    while let Ok(Some(ev)) = stream.next_event() {
+        events.push(ev);
+    }
+
+    let last = events.last().cloned().unwrap_or_default();
+    assert!(last.contains("content_filtered"), "the stream must end with the filter's error: {events:?}");
+    assert!(events[0].contains("Hello from the mock"), "text before the match is delivered: {events:?}");
+    assert!(!events.iter().any(|e| e == "[DONE]"), "{events:?}");
+    assert!(!events.iter().any(|e| e.contains("upstream of")), "text after the match leaked: {events:?}");
+}
+
+#[test]
+fn an_invalid_filter_pattern_is_refused_by_the_option_api() {
+    let s = setup();
+    let resp =
+        s.gw.admin("PUT", "/api/option/", Some(&json!({"key": "SensitiveRegexes", "value": "(unclosed"})));
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert_eq!(resp.json()["success"], false);
+    assert!(resp.json()["message"].as_str().unwrap().contains("SensitiveRegexes"));
+}
