@@ -420,6 +420,11 @@ impl AutoDisableRules {
         Ok(AutoDisableRules { status_ranges, keywords, automaton })
     }
 
+    /// The error-message keywords in force.
+    pub fn keywords(&self) -> &[String] {
+        &self.keywords
+    }
+
     /// Whether a failed upstream answer (its status and error message or body) should auto-disable
     /// the channel, and why. Status codes are checked first.
     pub fn check(&self, status: u16, message: &str) -> Option<DisableReason> {

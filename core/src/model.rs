@@ -131,6 +131,12 @@ pub struct Channel {
     pub test_time: i64,
     pub response_time: i64,
     pub used_quota: Quota,
+    /// Why the gateway disabled this channel (status 3), empty otherwise.
+    #[serde(default)]
+    pub auto_disabled_reason: String,
+    /// When it did, unix seconds; 0 when never.
+    #[serde(default)]
+    pub auto_disabled_time: i64,
 }
 
 impl Channel {

@@ -127,6 +127,8 @@ mod tests {
             test_time: 0,
             response_time: 0,
             used_quota: 0,
+            auto_disabled_reason: String::new(),
+            auto_disabled_time: 0,
         }
     }
 

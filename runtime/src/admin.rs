@@ -271,6 +271,8 @@ fn new_channel() -> Channel {
         test_time: 0,
         response_time: 0,
         used_quota: 0,
+        auto_disabled_reason: String::new(),
+        auto_disabled_time: 0,
     }
 }
 
@@ -653,6 +655,17 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
             _ => Err(bad("RetryTimes must be an integer from 0 to 10")),
         },
         option_keys::ADMIN_KEY_HASH => Err(bad("AdminKeyHash cannot be set through the API")),
+        option_keys::AUTO_DISABLE_ENABLED => match value.trim() {
+            "true" | "false" => Ok(()),
+            _ => Err(bad("AutomaticDisableChannelEnabled must be true or false")),
+        },
+        option_keys::AUTO_DISABLE_STATUS_CODES | option_keys::AUTO_DISABLE_KEYWORDS => {
+            let (codes, words) =
+                if key == option_keys::AUTO_DISABLE_STATUS_CODES { (value, "") } else { ("401", value) };
+            burncloud_core::health::AutoDisableRules::build(codes, words)
+                .map(|_| ())
+                .map_err(|e| bad(format!("{key}: {e}")))
+        }
         option_keys::SENSITIVE_WORDS | option_keys::SENSITIVE_REGEXES => {
             let (words, regexes) =
                 if key == option_keys::SENSITIVE_WORDS { (value, "") } else { ("", value) };

@@ -185,7 +185,7 @@ async fn relay_steps(
     let mut tried: Vec<i64> = Vec::with_capacity(attempts);
     let mut last_err = None;
     while tried.len() < attempts {
-        let Some(channel) = route(worker, &snapshot, group, &info.model, &tried) else { break };
+        let Some(channel) = pick_healthy(worker, &snapshot, group, &info.model, &tried) else { break };
         tried.push(channel.id);
         if !endpoint.served_by(channel.kind) {
             last_err = Some(GatewayError::upstream(
@@ -198,6 +198,7 @@ async fn relay_steps(
         let started = Instant::now();
         let outcome = forward(worker, &channel, endpoint, &info, &req.body, ctx).await;
         ctx.upstream_wait += started.elapsed();
+        observe_outcome(worker, &snapshot, &channel, &outcome);
         match outcome {
             Ok(answer) => {
                 // The consume event is handed to storage before the response's last byte, so a
@@ -397,6 +398,79 @@ pub struct FullAnswer {
 
 /// `max_tokens` sent to Anthropic upstreams when the client gave none.
 const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// Step 4 with health: the next channel this worker is not cooling down; when every remaining one is
+/// cooling down, the next one anyway (trying beats refusing).
+pub fn pick_healthy(
+    worker: &Worker,
+    snapshot: &crate::state::Snapshot,
+    group: &str,
+    model: &str,
+    tried: &[i64],
+) -> Option<Arc<Channel>> {
+    let mut passed_over = tried.to_vec();
+    while let Some(channel) = route(worker, snapshot, group, model, &passed_over) {
+        if worker.admit_channel(channel.id, &snapshot.cooldown) {
+            return Some(channel);
+        }
+        passed_over.push(channel.id);
+    }
+    route(worker, snapshot, group, model, tried)
+}
+
+/// Feeds an attempt's outcome to the worker's channel health, and disables the channel (status 3)
+/// when the answer matches the auto-disable rules. Client errors (a 4xx the client caused) count
+/// neither way.
+fn observe_outcome(
+    worker: &Worker,
+    snapshot: &crate::state::Snapshot,
+    channel: &Channel,
+    outcome: &Result<Answer, GatewayError>,
+) {
+    let err = match outcome {
+        Ok(_) => return worker.record_channel_outcome(channel.id, true, &snapshot.cooldown),
+        Err(e) if e.origin != burncloud_core::ErrorSource::Upstream => return,
+        Err(e) => e,
+    };
+    if err.retryable {
+        worker.record_channel_outcome(channel.id, false, &snapshot.cooldown);
+    }
+    let status = match err.kind {
+        ErrorKind::Upstream { status } => status,
+        _ => return,
+    };
+    let Some(reason) = snapshot.disable_rules.as_ref().and_then(|r| r.check(status, &err.message)) else {
+        return;
+    };
+    if channel.status != STATUS_ENABLED {
+        return;
+    }
+    tracing::warn!(channel = channel.id, %reason, "disabling the channel automatically");
+    let shared = worker.shared.clone();
+    let id = channel.id;
+    crate::rt::spawn(async move {
+        if let Err(e) = auto_disable(&shared, id, &reason.to_string()).await {
+            tracing::error!(channel = id, error = %e, "automatic disable failed");
+        }
+    });
+}
+
+/// Sets an enabled channel to status 3 (auto-disabled), records why and when, and publishes it.
+async fn auto_disable(shared: &crate::state::Shared, id: i64, reason: &str) -> Result<(), String> {
+    let Some(mut channel) = shared.storage.get_channel(id).await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    let next =
+        burncloud_core::health::next_status(channel.status, burncloud_core::health::StatusEvent::AutoDisable);
+    if next != model::CHANNEL_AUTO_DISABLED || channel.status == next {
+        return Ok(());
+    }
+    channel.status = next;
+    channel.auto_disabled_reason = reason.to_string();
+    channel.auto_disabled_time = unix_now();
+    shared.storage.update_channel(channel).await.map_err(|e| e.to_string())?;
+    shared.reload().await
+}
 
 /// Step 5: one attempt on one channel, in the channel's protocol. A complete answer is read and
 /// checked here, so a broken body still fails over; a stream is returned once its head has arrived.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use burncloud_core::filter::FilterSet;
+use burncloud_core::health::{Admission, AutoDisableRules, ChannelHealth, CooldownPolicy};
 use burncloud_core::model::{Channel, Token, User};
 use burncloud_core::pricing::{self, PriceTable};
 use burncloud_core::routing::AbilityIndex;
@@ -35,6 +36,13 @@ pub mod option_keys {
     pub const SENSITIVE_WORDS: &str = "SensitiveWords";
     /// Content-filter regular expressions: one per line, or a JSON array.
     pub const SENSITIVE_REGEXES: &str = "SensitiveRegexes";
+    /// `true` (default) or `false`: whether upstream answers matching the rules below disable a
+    /// channel (status 3).
+    pub const AUTO_DISABLE_ENABLED: &str = "AutomaticDisableChannelEnabled";
+    /// Status codes and ranges that disable a channel, e.g. `401,403` (default `401`).
+    pub const AUTO_DISABLE_STATUS_CODES: &str = "AutomaticDisableStatusCodes";
+    /// Error-message keywords that disable a channel (one per line or a JSON array).
+    pub const AUTO_DISABLE_KEYWORDS: &str = "AutomaticDisableKeywords";
 }
 
 /// The configuration every request is served under; immutable once published.
@@ -48,6 +56,10 @@ pub struct Snapshot {
     pub options: BTreeMap<String, String>,
     /// Applied to prompts and completions; empty when no list is configured.
     pub filter: FilterSet,
+    /// When failures cool a channel down on a worker.
+    pub cooldown: CooldownPolicy,
+    /// Upstream answers that disable a channel; `None` when auto-disable is off.
+    pub disable_rules: Option<AutoDisableRules>,
 }
 
 impl Snapshot {
@@ -75,8 +87,21 @@ impl Snapshot {
             tracing::error!(error = %e, "content filter lists are invalid; filtering is off until they are fixed");
             FilterSet::default()
         });
+        let disable_rules = disable_rules_from(&data.options).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "auto-disable rules are invalid; using the defaults");
+            Some(AutoDisableRules::default())
+        });
         let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
-        Snapshot { channels, abilities, prices, retry_times, options: data.options, filter }
+        Snapshot {
+            channels,
+            abilities,
+            prices,
+            retry_times,
+            options: data.options,
+            filter,
+            cooldown: CooldownPolicy::default(),
+            disable_rules,
+        }
     }
 }
 
@@ -86,6 +111,26 @@ pub fn filter_from(
 ) -> Result<FilterSet, burncloud_core::filter::FilterError> {
     let get = |k: &str| options.get(k).map(String::as_str).unwrap_or("");
     FilterSet::build(get(option_keys::SENSITIVE_WORDS), get(option_keys::SENSITIVE_REGEXES))
+}
+
+/// The auto-disable rules configured by the `AutomaticDisable*` options (New API's names).
+pub fn disable_rules_from(
+    options: &BTreeMap<String, String>,
+) -> Result<Option<AutoDisableRules>, burncloud_core::health::RuleError> {
+    if options.get(option_keys::AUTO_DISABLE_ENABLED).is_some_and(|v| v.trim() == "false") {
+        return Ok(None);
+    }
+    let codes = options.get(option_keys::AUTO_DISABLE_STATUS_CODES);
+    let words = options.get(option_keys::AUTO_DISABLE_KEYWORDS);
+    if codes.is_none() && words.is_none() {
+        return Ok(Some(AutoDisableRules::default()));
+    }
+    let defaults = AutoDisableRules::default();
+    let codes = codes.map(String::as_str).unwrap_or("401");
+    match words {
+        Some(w) => AutoDisableRules::build(codes, w).map(Some),
+        None => AutoDisableRules::build(codes, &defaults.keywords().join("\n")).map(Some),
+    }
 }
 
 /// A request to the control thread.
@@ -151,6 +196,9 @@ pub struct Worker {
     request_counter: Cell<u64>,
     /// Open client connections on this worker (for draining on shutdown).
     pub connections: Cell<usize>,
+    /// This worker's view of each channel's health (cooldowns, half-open probes).
+    health: RefCell<HashMap<i64, ChannelHealth>>,
+    started: Instant,
 }
 
 impl Worker {
@@ -164,6 +212,30 @@ impl Worker {
             rng: RefCell::new(fastrand::Rng::new()),
             request_counter: Cell::new(0),
             connections: Cell::new(0),
+            health: RefCell::default(),
+            started: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether this worker may send a request to the channel now (healthy, or its half-open probe).
+    pub fn admit_channel(&self, id: i64, policy: &CooldownPolicy) -> bool {
+        let now = self.now_ms();
+        let mut health = self.health.borrow_mut();
+        !matches!(health.entry(id).or_default().admit(policy, now), Admission::Denied { .. })
+    }
+
+    /// Records the outcome of an attempt on a channel.
+    pub fn record_channel_outcome(&self, id: i64, ok: bool, policy: &CooldownPolicy) {
+        let now = self.now_ms();
+        let mut health = self.health.borrow_mut();
+        let entry = health.entry(id).or_default();
+        let change = if ok { entry.record_success(now) } else { entry.record_failure(policy, now) };
+        if let Some(change) = change {
+            tracing::info!(worker = self.index, channel = id, ?change, "channel health changed");
         }
     }
 

@@ -37,7 +37,7 @@ macro_rules! token_cols {
 }
 macro_rules! channel_cols {
     () => {
-        r#"id, type, name, "key", base_url, models, "group", priority, weight, model_mapping, tag, proxy, status, test_model, created_time, test_time, response_time, used_quota"#
+        r#"id, type, name, "key", base_url, models, "group", priority, weight, model_mapping, tag, proxy, status, test_model, created_time, test_time, response_time, used_quota, status_reason, status_time"#
     };
 }
 macro_rules! log_insert_cols {
@@ -251,8 +251,10 @@ impl Db {
         let mut tx = self.begin().await?;
         let row = sqlx::query(
             r#"INSERT INTO channels (type, name, "key", base_url, models, "group", priority, weight, model_mapping,
-               tag, proxy, status, test_model, created_time, test_time, response_time, used_quota)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING id"#,
+               tag, proxy, status, test_model, created_time, test_time, response_time, used_quota, status_reason,
+               status_time)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+               RETURNING id"#,
         )
         .bind(ch.kind.as_str())
         .bind(ch.name.clone())
@@ -271,6 +273,8 @@ impl Db {
         .bind(ch.test_time)
         .bind(ch.response_time)
         .bind(ch.used_quota)
+        .bind(ch.auto_disabled_reason.clone())
+        .bind(ch.auto_disabled_time)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| self.err(e))?;
@@ -289,7 +293,8 @@ impl Db {
             r#"UPDATE channels SET type = $1, name = $2, "key" = $3, base_url = $4, models = $5, "group" = $6,
                priority = $7, weight = $8, model_mapping = $9, tag = $10, proxy = $11, status = $12,
                test_model = $13, created_time = CASE WHEN $14 = 0 THEN created_time ELSE $14 END,
-               test_time = $15, response_time = $16 WHERE id = $17 RETURNING "#,
+               test_time = $15, response_time = $16, status_reason = $17, status_time = $18 WHERE id = $19
+               RETURNING "#,
             channel_cols!()
         ))
         .bind(ch.kind.as_str())
@@ -308,6 +313,8 @@ impl Db {
         .bind(ch.created_time)
         .bind(ch.test_time)
         .bind(ch.response_time)
+        .bind(ch.auto_disabled_reason.clone())
+        .bind(ch.auto_disabled_time)
         .bind(ch.id)
         .fetch_optional(&mut *tx)
         .await
@@ -865,6 +872,8 @@ fn channel_from_row(row: &AnyRow) -> Result<Channel, StorageError> {
         test_time: int(row, "test_time")?,
         response_time: int(row, "response_time")?,
         used_quota: int(row, "used_quota")?,
+        auto_disabled_reason: text(row, "status_reason")?,
+        auto_disabled_time: int(row, "status_time")?,
     })
 }
 

@@ -265,6 +265,8 @@ fn channel(name: &str, tag: &str, status: i64) -> Channel {
         test_time: 0,
         response_time: 0,
         used_quota: 0,
+        auto_disabled_reason: String::new(),
+        auto_disabled_time: 0,
     }
 }
 

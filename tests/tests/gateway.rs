@@ -1268,3 +1268,73 @@ fn an_invalid_filter_pattern_is_refused_by_the_option_api() {
     assert_eq!(resp.json()["success"], false);
     assert!(resp.json()["message"].as_str().unwrap().contains("SensitiveRegexes"));
 }
+
+// ---------------------------------------------------------------- channel health
+
+/// Two channels for `gpt-f`: A (priority 10) on its own mock with `behaviour`, B (priority 0) healthy.
+fn two_channels(behaviour: Value) -> (Setup, Mock, i64, i64) {
+    let s = setup();
+    let failing = Mock::start(&[]);
+    failing.behave(behaviour);
+    let a = s.gw.create_channel(json!({"base_url": failing.base_url(), "models": "gpt-f", "priority": 10}));
+    let b = s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "gpt-f", "priority": 0}));
+    (s, failing, a, b)
+}
+
+fn channel_status(gw: &Gateway, id: i64) -> Value {
+    gw.api("GET", &format!("/api/channel/{id}"), None)
+}
+
+#[test]
+fn a_channel_answering_401_is_disabled_automatically_with_its_reason() {
+    let invalid_key = json!({"status": 401, "body": {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}});
+    let (s, failing, a, b) = two_channels(invalid_key);
+
+    let first = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+    assert_eq!(first.status, 200, "the request fails over: {}", first.text());
+    assert_eq!(s.gw.consume_log(&request_id(&first))["channel_id"], b);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let disabled = loop {
+        let ch = channel_status(&s.gw, a);
+        if ch["status"] == 3 || Instant::now() > deadline {
+            break ch;
+        }
+        pause(Duration::from_millis(20));
+    };
+    assert_eq!(disabled["status"], 3, "{disabled}");
+    assert!(disabled["auto_disabled_reason"].as_str().unwrap().contains("401"), "{disabled}");
+    assert!(disabled["auto_disabled_time"].as_i64().unwrap() > 0, "{disabled}");
+    for _ in 0..5 {
+        assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-f")).status, 200);
+    }
+    assert_eq!(failing.requests().len(), 1, "a disabled channel receives no more traffic");
+}
+
+#[test]
+fn with_auto_disable_off_a_401_channel_stays_enabled() {
+    let (s, _failing, a, _) = two_channels(json!({"status": 401}));
+    s.gw.put_option("AutomaticDisableChannelEnabled", "false");
+
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-f")).status, 200);
+    pause(Duration::from_millis(300));
+
+    assert_eq!(channel_status(&s.gw, a)["status"], 1);
+}
+
+#[test]
+fn a_failing_channel_cools_down_and_is_skipped_while_cooling() {
+    let (s, failing, _, b) = two_channels(json!({"status": 503}));
+    let mut served_by_b = 0;
+    for _ in 0..20 {
+        let resp = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        if s.gw.consume_log(&request_id(&resp))["channel_id"] == b {
+            served_by_b += 1;
+        }
+    }
+    assert_eq!(served_by_b, 20);
+    // Three failures per worker cool the channel down on that worker (two workers at most).
+    let tries = failing.requests().len();
+    assert!((3..=6).contains(&tries), "the failing channel was tried {tries} times in 20 requests");
+}
