@@ -72,6 +72,9 @@ async fn dispatch(worker: &Worker, req: &Request) -> ApiResult {
     let method = req.method.as_str();
     match (method, parts.as_slice()) {
         ("GET", ["channel"]) => list_channels(worker, req).await,
+        ("POST", ["channel", "tag", "enabled"]) => set_tag_status(worker, req, STATUS_ENABLED).await,
+        ("POST", ["channel", "tag", "disabled"]) => set_tag_status(worker, req, STATUS_DISABLED).await,
+        ("PUT", ["channel", "tag"]) => edit_tag(worker, req).await,
         ("POST", ["channel"]) => create_channel(worker, req).await,
         ("GET", ["channel", id]) => get_channel(worker, parse_id(id)?).await,
         ("PUT", ["channel", id]) => update_channel(worker, parse_id(id)?, req).await,
@@ -331,6 +334,94 @@ async fn delete_channel(worker: &Worker, id: i64) -> ApiResult {
     worker.shared.storage.delete_channel(id).await?;
     published(worker).await?;
     channel_view(&ch)
+}
+
+// ---------------------------------------------------------------- tags
+
+/// Every channel carrying `tag`, in id order.
+async fn channels_with_tag(worker: &Worker, tag: &str) -> Result<Vec<Channel>, ApiError> {
+    let mut all = Vec::new();
+    for page in 1.. {
+        let filter = ChannelFilter { tag: Some(tag.to_string()), status: None, page, page_size: 500 };
+        let (items, total) = worker.shared.storage.list_channels(filter).await?;
+        let done = items.is_empty() || all.len() + items.len() >= usize::try_from(total).unwrap_or(0);
+        all.extend(items);
+        if done {
+            break;
+        }
+    }
+    Ok(all)
+}
+
+#[derive(Deserialize)]
+struct TagInput {
+    tag: String,
+}
+
+/// `POST /api/channel/tag/enabled|disabled {"tag"}`: sets the status of every channel of a tag.
+async fn set_tag_status(worker: &Worker, req: &Request, status: i64) -> ApiResult {
+    let input: TagInput = body(req)?;
+    if input.tag.trim().is_empty() {
+        return Err(bad("tag is required"));
+    }
+    let channels = channels_with_tag(worker, input.tag.trim()).await?;
+    for mut ch in channels.iter().cloned() {
+        ch.status = status;
+        worker.shared.storage.update_channel(ch).await?;
+    }
+    published(worker).await?;
+    Ok(json!({"tag": input.tag.trim(), "updated": channels.len()}))
+}
+
+/// The fields `PUT /api/channel/tag` may change on every channel of a tag (New API's names).
+#[derive(Deserialize)]
+struct TagEdit {
+    tag: String,
+    new_tag: Option<String>,
+    priority: Option<i64>,
+    weight: Option<i64>,
+    models: Option<ListField>,
+    groups: Option<ListField>,
+    model_mapping: Option<MappingField>,
+}
+
+/// `PUT /api/channel/tag`: edits every channel of a tag at once; all are validated before any is saved.
+async fn edit_tag(worker: &Worker, req: &Request) -> ApiResult {
+    let edit: TagEdit = body(req)?;
+    let tag = edit.tag.trim().to_string();
+    if tag.is_empty() {
+        return Err(bad("tag is required"));
+    }
+    let mapping = edit.model_mapping.map(MappingField::into_map).transpose()?;
+    let models = edit.models.map(|m| m.items().join(","));
+    let groups = edit.groups.map(|g| g.items().join(","));
+    let mut changed = channels_with_tag(worker, &tag).await?;
+    for ch in &mut changed {
+        if let Some(t) = &edit.new_tag {
+            ch.tag = t.trim().to_string();
+        }
+        if let Some(p) = edit.priority {
+            ch.priority = p;
+        }
+        if let Some(w) = edit.weight {
+            ch.weight = w;
+        }
+        if let Some(m) = &models {
+            ch.models = m.clone();
+        }
+        if let Some(g) = &groups {
+            ch.group = g.clone();
+        }
+        if let Some(m) = &mapping {
+            ch.model_mapping = m.clone();
+        }
+        validate_channel(ch)?;
+    }
+    for ch in &changed {
+        worker.shared.storage.update_channel(ch.clone()).await?;
+    }
+    published(worker).await?;
+    Ok(json!({"tag": tag, "updated": changed.len()}))
 }
 
 // ---------------------------------------------------------------- users

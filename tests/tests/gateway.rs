@@ -1338,3 +1338,42 @@ fn a_failing_channel_cools_down_and_is_skipped_while_cooling() {
     let tries = failing.requests().len();
     assert!((3..=6).contains(&tries), "the failing channel was tried {tries} times in 20 requests");
 }
+
+// ---------------------------------------------------------------- tags
+
+#[test]
+fn all_channels_of_a_tag_are_disabled_enabled_and_edited_at_once() {
+    let s = setup();
+    let other = Mock::start(&[]);
+    let t1 = s.gw.create_channel(
+        json!({"base_url": other.base_url(), "models": "gpt-t", "tag": "pool", "priority": 5}),
+    );
+    let t2 = s.gw.create_channel(json!({"base_url": other.base_url(), "models": "gpt-t", "tag": "pool"}));
+
+    let off = s.gw.api("POST", "/api/channel/tag/disabled", Some(&json!({"tag": "pool"})));
+    assert_eq!(off["updated"], 2);
+    assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-t")), 503, "model_not_available");
+    assert_eq!(
+        s.gw.chat(&s.key.key, &chat_body("gpt-x")).status,
+        200,
+        "channels of other tags are untouched"
+    );
+
+    s.gw.api("POST", "/api/channel/tag/enabled", Some(&json!({"tag": "pool"})));
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-t")).status, 200);
+
+    let edited = s.gw.api(
+        "PUT",
+        "/api/channel/tag",
+        Some(&json!({"tag": "pool", "new_tag": "pool2", "priority": 7, "models": "gpt-t,gpt-u"})),
+    );
+    assert_eq!(edited["updated"], 2);
+    for id in [t1, t2] {
+        let ch = channel_status(&s.gw, id);
+        assert_eq!((ch["tag"].as_str(), ch["priority"].as_i64()), (Some("pool2"), Some(7)), "{ch}");
+    }
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-u")).status, 200, "edited models are routed at once");
+    assert_eq!(channel_status(&s.gw, s.channel)["status"], 1, "the untagged channel is untouched");
+    let bad = s.gw.admin("PUT", "/api/channel/tag", Some(&json!({"tag": "pool2", "models": ""})));
+    assert_eq!(bad.status, 400, "{}", bad.text());
+}
