@@ -77,6 +77,9 @@ async fn dispatch(worker: &Worker, req: &Request) -> ApiResult {
         ("PUT", ["channel", "tag"]) => edit_tag(worker, req).await,
         ("POST", ["channel"]) => create_channel(worker, req).await,
         ("GET", ["channel", id]) => get_channel(worker, parse_id(id)?).await,
+        ("POST", ["channel", id, "test"]) | ("GET", ["channel", "test", id]) => {
+            test_channel(worker, parse_id(id)?).await
+        }
         ("PUT", ["channel", id]) => update_channel(worker, parse_id(id)?, req).await,
         ("DELETE", ["channel", id]) => delete_channel(worker, parse_id(id)?).await,
         ("POST", ["user"]) => create_user(worker, req).await,
@@ -318,6 +321,20 @@ async fn list_channels(worker: &Worker, req: &Request) -> ApiResult {
 async fn get_channel(worker: &Worker, id: i64) -> ApiResult {
     let ch = worker.shared.storage.get_channel(id).await?.ok_or_else(|| not_found("channel"))?;
     channel_view(&ch)
+}
+
+/// `POST /api/channel/{id}/test` (also New API's `GET /api/channel/test/{id}`): one test request now;
+/// a success re-enables an auto-disabled channel. A failed test answers `success:false` with the
+/// upstream's message and the time it took.
+async fn test_channel(worker: &Worker, id: i64) -> ApiResult {
+    let ch = worker.shared.storage.get_channel(id).await?.ok_or_else(|| not_found("channel"))?;
+    let result = crate::probe::test_channel(worker, &ch).await;
+    crate::probe::record(&worker.shared, id, &result, false).await.map_err(|e| ApiError(503, e.message))?;
+    if result.ok {
+        Ok(json!({"time_ms": result.time_ms}))
+    } else {
+        Err(ApiError(502, format!("channel test failed after {} ms: {}", result.time_ms, result.message)))
+    }
 }
 
 async fn update_channel(worker: &Worker, id: i64, req: &Request) -> ApiResult {
@@ -746,6 +763,10 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
             _ => Err(bad("RetryTimes must be an integer from 0 to 10")),
         },
         option_keys::ADMIN_KEY_HASH => Err(bad("AdminKeyHash cannot be set through the API")),
+        crate::probe::INTERVAL_OPTION | crate::probe::FAILURES_OPTION => match value.trim().parse::<u32>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(bad(format!("{key} must be a non-negative integer"))),
+        },
         option_keys::AUTO_DISABLE_ENABLED => match value.trim() {
             "true" | "false" => Ok(()),
             _ => Err(bad("AutomaticDisableChannelEnabled must be true or false")),

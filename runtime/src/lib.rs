@@ -8,6 +8,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod models;
+pub mod probe;
 pub mod relay;
 pub mod rt;
 pub mod server;

@@ -199,6 +199,9 @@ fn run_worker(
         let worker =
             Rc::new(Worker::new(index, shared.clone(), Client::new(client_settings, shared.tls.clone())));
         let signal = ShutdownSignal::new();
+        if index == 0 {
+            rt::spawn(crate::probe::run_periodic(worker.clone(), signal.clone()));
+        }
         accept_loop(&worker, &listener, &limits, &signal, stop).await;
         drop(listener);
         signal.trigger();

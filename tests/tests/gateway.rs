@@ -1377,3 +1377,64 @@ fn all_channels_of_a_tag_are_disabled_enabled_and_edited_at_once() {
     let bad = s.gw.admin("PUT", "/api/channel/tag", Some(&json!({"tag": "pool2", "models": ""})));
     assert_eq!(bad.status, 400, "{}", bad.text());
 }
+
+// ---------------------------------------------------------------- channel tests
+
+#[test]
+fn testing_a_channel_on_demand_returns_its_latency_and_records_it() {
+    let s = setup();
+
+    let data = s.gw.api("POST", &format!("/api/channel/{}/test", s.channel), None);
+
+    assert!(data["time_ms"].as_i64().is_some(), "{data}");
+    let probe = s.mock.requests().pop().expect("the test reached the upstream");
+    assert_eq!(probe.json()["max_tokens"], 1);
+    let ch = channel_status(&s.gw, s.channel);
+    assert!(ch["test_time"].as_i64().unwrap() > 0, "{ch}");
+    s.mock.behave(json!({"status": 500, "times": 1}));
+    let failed = s.gw.admin("POST", &format!("/api/channel/{}/test", s.channel), None);
+    assert_eq!(failed.status, 502, "{}", failed.text());
+    assert_eq!(failed.json()["success"], false);
+}
+
+#[test]
+fn a_successful_test_re_enables_an_auto_disabled_channel_but_never_a_manually_disabled_one() {
+    let s = setup();
+    s.gw.api("PUT", &format!("/api/channel/{}", s.channel), Some(&json!({"status": 3})));
+    s.gw.api("POST", &format!("/api/channel/{}/test", s.channel), None);
+    assert_eq!(channel_status(&s.gw, s.channel)["status"], 1);
+    assert_eq!(
+        s.gw.chat(&s.key.key, &chat_body("gpt-x")).status,
+        200,
+        "re-enabled channels are routed at once"
+    );
+
+    s.gw.api("PUT", &format!("/api/channel/{}", s.channel), Some(&json!({"status": 2})));
+    s.gw.api("POST", &format!("/api/channel/{}/test", s.channel), None);
+    assert_eq!(channel_status(&s.gw, s.channel)["status"], 2);
+}
+
+#[test]
+fn periodic_checks_disable_a_failing_channel_and_re_enable_it_when_it_recovers() {
+    let s = setup();
+    s.gw.put_option("ChannelTestFailures", "2");
+    s.mock.behave(json!({"status": 503}));
+    s.gw.put_option("ChannelTestInterval", "1");
+    let wait_for = |status: i64| {
+        let deadline = Instant::now() + Duration::from_secs(12);
+        loop {
+            let ch = channel_status(&s.gw, s.channel);
+            if ch["status"] == status {
+                return ch;
+            }
+            assert!(Instant::now() < deadline, "channel never reached status {status}: {ch}");
+            pause(Duration::from_millis(100));
+        }
+    };
+
+    let disabled = wait_for(3);
+    assert!(disabled["auto_disabled_reason"].as_str().unwrap().contains("test failed"), "{disabled}");
+    s.mock.reset();
+    wait_for(1);
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200);
+}
