@@ -252,7 +252,7 @@ fn validate_channel(ch: &Channel) -> Result<(), ApiError> {
         return Err(bad("status must be 1 (enabled), 2 (disabled) or 3 (auto-disabled)"));
     }
     if !ch.proxy.is_empty() {
-        return Err(bad("per-channel proxies are not supported yet; leave proxy empty"));
+        crate::upstream::Proxy::parse(&ch.proxy).map_err(bad)?;
     }
     Ok(())
 }

@@ -29,7 +29,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::http::{Request, Responder};
 use crate::state::{Caller, Worker, unix_now};
-use crate::upstream::{Origin, UpstreamError, UpstreamRequest, UpstreamResponse};
+use crate::upstream::{Origin, Proxy, Route, UpstreamError, UpstreamRequest, UpstreamResponse};
 
 /// Largest upstream response body read into memory (non-stream).
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
@@ -484,6 +484,11 @@ pub async fn forward(
 ) -> Result<Answer, GatewayError> {
     let origin =
         Origin::parse(&channel.base_url).map_err(|e| GatewayError::upstream(502, true, e.to_string()))?;
+    let proxy = match channel.proxy.as_str() {
+        "" => None,
+        url => Some(Proxy::parse(url).map_err(|e| GatewayError::upstream(502, true, e))?),
+    };
+    let route = Route { origin, proxy };
     let client = endpoint.protocol();
     let upstream = channel_protocol(channel.kind);
     let upstream_model = channel.upstream_model(&info.model);
@@ -500,7 +505,7 @@ pub async fn forward(
         Protocol::Gemini => headers.push(("x-goog-api-key", channel.key.as_str())),
     }
     let request = UpstreamRequest { method: "POST", path: &path, headers: &headers, body };
-    let mut response = worker.client.send(&origin, &request).await.map_err(upstream_failure)?;
+    let mut response = worker.client.send(&route, &request).await.map_err(upstream_failure)?;
     let status = response.status;
     if status != 200 {
         let body = response.read_to_end(1024 * 1024).await.unwrap_or_default();

@@ -1438,3 +1438,187 @@ fn periodic_checks_disable_a_failing_channel_and_re_enable_it_when_it_recovers()
     wait_for(1);
     assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-x")).status, 200);
 }
+
+// ---------------------------------------------------------------- per-channel proxies
+
+/// A minimal proxy on a free loopback port, for these tests: HTTP `CONNECT` or SOCKS5 (with an
+/// optional user/password), reporting each tunnel's target on a channel. Its threads end with the
+/// connections they serve; the accept thread ends with the test process.
+struct TestProxy {
+    addr: std::net::SocketAddr,
+    targets: std::sync::mpsc::Receiver<String>,
+}
+
+impl TestProxy {
+    fn start(socks: bool, credentials: Option<(&'static str, &'static str)>) -> TestProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, targets) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().map_while(Result::ok) {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ =
+                        if socks { serve_socks5(conn, credentials, &tx) } else { serve_connect(conn, &tx) };
+                });
+            }
+        });
+        TestProxy { addr, targets }
+    }
+
+    fn tunnels(&self) -> Vec<String> {
+        self.targets.try_iter().collect()
+    }
+}
+
+fn pipe(client: std::net::TcpStream, upstream: std::net::TcpStream) -> std::io::Result<()> {
+    let (mut c2, mut u2) = (client.try_clone()?, upstream.try_clone()?);
+    let (mut c, mut u) = (client, upstream);
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c, &mut u);
+        let _ = u.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut u2, &mut c2);
+    let _ = c2.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
+    Ok(())
+}
+
+fn serve_connect(mut conn: std::net::TcpStream, tx: &std::sync::mpsc::Sender<String>) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let target = text.split_whitespace().nth(1).unwrap_or("").to_string();
+    let upstream = std::net::TcpStream::connect(&target)?;
+    conn.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")?;
+    tx.send(target).ok();
+    pipe(conn, upstream)
+}
+
+fn serve_socks5(
+    mut conn: std::net::TcpStream,
+    credentials: Option<(&str, &str)>,
+    tx: &std::sync::mpsc::Sender<String>,
+) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut greeting = [0u8; 2];
+    conn.read_exact(&mut greeting)?;
+    let mut methods = vec![0u8; greeting[1] as usize];
+    conn.read_exact(&mut methods)?;
+    match credentials {
+        None => conn.write_all(&[5, 0])?,
+        Some((user, pass)) => {
+            conn.write_all(&[5, 2])?;
+            let mut ver_len = [0u8; 2];
+            conn.read_exact(&mut ver_len)?;
+            let mut u = vec![0u8; ver_len[1] as usize];
+            conn.read_exact(&mut u)?;
+            let mut plen = [0u8; 1];
+            conn.read_exact(&mut plen)?;
+            let mut p = vec![0u8; plen[0] as usize];
+            conn.read_exact(&mut p)?;
+            if u != user.as_bytes() || p != pass.as_bytes() {
+                conn.write_all(&[1, 1])?;
+                return Ok(());
+            }
+            conn.write_all(&[1, 0])?;
+        }
+    }
+    let mut req = [0u8; 4];
+    conn.read_exact(&mut req)?;
+    let host = match req[3] {
+        1 => {
+            let mut ip = [0u8; 4];
+            conn.read_exact(&mut ip)?;
+            std::net::Ipv4Addr::from(ip).to_string()
+        }
+        3 => {
+            let mut len = [0u8; 1];
+            conn.read_exact(&mut len)?;
+            let mut name = vec![0u8; len[0] as usize];
+            conn.read_exact(&mut name)?;
+            String::from_utf8_lossy(&name).into_owned()
+        }
+        _ => return Ok(()),
+    };
+    let mut port = [0u8; 2];
+    conn.read_exact(&mut port)?;
+    let target = format!("{host}:{}", u16::from_be_bytes(port));
+    let upstream = std::net::TcpStream::connect(&target)?;
+    conn.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    tx.send(target).ok();
+    pipe(conn, upstream)
+}
+
+fn mock_authority(mock: &Mock) -> String {
+    mock.base_url().trim_start_matches("http://").to_string()
+}
+
+#[test]
+fn a_channel_with_a_socks5_proxy_sends_its_traffic_and_its_tests_through_it() {
+    let s = setup();
+    let proxy = TestProxy::start(true, Some(("alice", "s3cret")));
+    let id = s.gw.create_channel(json!({
+        "base_url": s.mock.base_url(), "models": "gpt-p", "proxy": format!("socks5://alice:s3cret@{}", proxy.addr),
+    }));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-p"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], id);
+    s.gw.api("POST", &format!("/api/channel/{id}/test"), None);
+
+    let tunnels = proxy.tunnels();
+    assert!(!tunnels.is_empty(), "no tunnel went through the proxy");
+    assert!(tunnels.iter().all(|t| *t == mock_authority(&s.mock)), "{tunnels:?}");
+    assert_eq!(s.mock.requests().len(), 2, "the chat and the channel test both reached the upstream");
+}
+
+#[test]
+fn a_socks5_proxy_refusing_the_password_fails_the_request_with_502() {
+    let s = setup();
+    let proxy = TestProxy::start(true, Some(("alice", "s3cret")));
+    s.gw.create_channel(json!({
+        "base_url": s.mock.base_url(), "models": "gpt-p", "proxy": format!("socks5://alice:wrong@{}", proxy.addr),
+    }));
+
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-p"));
+
+    assert_error(&resp, 502, "upstream_error");
+    assert!(resp.text().contains("proxy"), "{}", resp.text());
+    assert!(!resp.text().contains("wrong"), "the password must not leak: {}", resp.text());
+    assert!(s.mock.requests().is_empty());
+}
+
+#[test]
+fn a_channel_with_an_http_proxy_tunnels_through_connect() {
+    let s = setup();
+    let proxy = TestProxy::start(false, None);
+    s.gw.create_channel(
+        json!({"base_url": s.mock.base_url(), "models": "gpt-p", "proxy": format!("http://{}", proxy.addr)}),
+    );
+
+    let plain = s.gw.chat(&s.key.key, &chat_body("gpt-p"));
+    let streamed = s.gw.chat(&s.key.key, &stream_body("gpt-p"));
+
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert!(streamed.text().contains("[DONE]"), "{}", streamed.text());
+    assert!(proxy.tunnels().iter().any(|t| *t == mock_authority(&s.mock)));
+}
+
+#[test]
+fn an_invalid_proxy_url_is_refused_when_the_channel_is_saved() {
+    let s = setup();
+    let resp = s.gw.admin(
+        "POST",
+        "/api/channel/",
+        Some(&json!({"name": "p", "type": "openai", "base_url": s.mock.base_url(), "key": "k", "models": "m", "proxy": "ftp://x:1"})),
+    );
+    assert_eq!(resp.status, 400, "{}", resp.text());
+}

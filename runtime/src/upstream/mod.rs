@@ -8,6 +8,7 @@
 //! helper thread and cached.
 
 pub mod origin;
+pub mod proxy;
 pub mod tls;
 
 use std::cell::RefCell;
@@ -20,6 +21,15 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 pub use origin::{Origin, Scheme};
+pub use proxy::Proxy;
+
+/// Where a connection goes: the upstream origin, through the channel's proxy if it has one. The key
+/// of the connection pool.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub origin: Origin,
+    pub proxy: Option<Proxy>,
+}
 use rustls::ClientConfig;
 
 use crate::http::chunked::ChunkedDecoder;
@@ -116,7 +126,7 @@ struct Idle {
 struct Inner {
     settings: ClientSettings,
     tls: Arc<ClientConfig>,
-    idle: RefCell<HashMap<Origin, Vec<Idle>>>,
+    idle: RefCell<HashMap<Route, Vec<Idle>>>,
     dns: RefCell<HashMap<String, (Vec<SocketAddr>, Instant)>>,
 }
 
@@ -145,7 +155,7 @@ pub struct UpstreamResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     client: Client,
-    origin: Origin,
+    route: Route,
     conn: Option<Conn>,
     buf: BytesMut,
     mode: BodyMode,
@@ -163,30 +173,30 @@ impl Client {
         &self.0.settings
     }
 
-    /// Sends `req` to `origin` and waits for the response head. A pooled connection that turns out to
-    /// be closed is replaced by a fresh one once, transparently.
+    /// Sends `req` along `route` and waits for the response head. A pooled connection that turns out
+    /// to be closed is replaced by a fresh one once, transparently.
     pub async fn send(
         &self,
-        origin: &Origin,
+        route: &Route,
         req: &UpstreamRequest<'_>,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let head = encode_head(origin, req);
-        if let Some(conn) = self.take_idle(origin) {
-            match self.exchange(origin, conn, head.clone(), req.body.clone()).await {
+        let head = encode_head(&route.origin, req);
+        if let Some(conn) = self.take_idle(route) {
+            match self.exchange(route, conn, head.clone(), req.body.clone()).await {
                 Ok(resp) => return Ok(resp),
                 Err((UpstreamError::Io(_) | UpstreamError::Truncated, true)) => {}
                 Err((e, _)) => return Err(e),
             }
         }
-        let conn = self.connect(origin).await?;
-        self.exchange(origin, conn, head, req.body.clone()).await.map_err(|(e, _)| e)
+        let conn = self.connect(route).await?;
+        self.exchange(route, conn, head, req.body.clone()).await.map_err(|(e, _)| e)
     }
 
     /// Writes the request and reads the response head. On error, the flag says whether nothing at all
     /// was received (a stale pooled connection).
     async fn exchange(
         &self,
-        origin: &Origin,
+        route: &Route,
         mut conn: Conn,
         head: Bytes,
         body: Bytes,
@@ -249,7 +259,7 @@ impl Client {
             status,
             headers,
             client: self.clone(),
-            origin: origin.clone(),
+            route: route.clone(),
             conn: Some(conn),
             buf,
             mode,
@@ -257,9 +267,9 @@ impl Client {
         })
     }
 
-    fn take_idle(&self, origin: &Origin) -> Option<Conn> {
+    fn take_idle(&self, route: &Route) -> Option<Conn> {
         let mut idle = self.0.idle.borrow_mut();
-        let list = idle.get_mut(origin)?;
+        let list = idle.get_mut(route)?;
         let max_age = self.0.settings.pool_idle;
         while let Some(entry) = list.pop() {
             if entry.since.elapsed() < max_age {
@@ -269,21 +279,36 @@ impl Client {
         None
     }
 
-    fn put_idle(&self, origin: Origin, conn: Conn) {
+    fn put_idle(&self, route: Route, conn: Conn) {
         let mut idle = self.0.idle.borrow_mut();
-        let list = idle.entry(origin).or_default();
+        let list = idle.entry(route).or_default();
         if list.len() < self.0.settings.max_idle_per_origin {
             list.push(Idle { conn, since: Instant::now() });
         }
     }
 
-    async fn connect(&self, origin: &Origin) -> Result<Conn, UpstreamError> {
-        let addrs = self.resolve(origin).await?;
+    async fn connect(&self, route: &Route) -> Result<Conn, UpstreamError> {
+        let origin = &route.origin;
+        let (host, port) = match &route.proxy {
+            Some(p) => (p.host.as_str(), p.port),
+            None => (origin.host.as_str(), origin.port),
+        };
+        let addrs = self.resolve(host, port).await?;
         let limit = self.0.settings.connect_timeout;
         let mut last = None;
         for addr in addrs {
             match rt::timeout(limit, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => {
+                    let tcp = match &route.proxy {
+                        None => tcp,
+                        Some(proxy) => {
+                            match rt::timeout(limit, proxy.tunnel(tcp, &origin.host, origin.port)).await {
+                                Ok(Ok(t)) => t,
+                                Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
+                                Err(rt::Elapsed) => return Err(UpstreamError::ConnectTimeout),
+                            }
+                        }
+                    };
                     return match origin.scheme {
                         Scheme::Http => Ok(Conn::Plain(tcp)),
                         Scheme::Https => {
@@ -300,15 +325,15 @@ impl Client {
                 Err(rt::Elapsed) => last = Some(UpstreamError::ConnectTimeout),
             }
         }
-        Err(last.unwrap_or_else(|| UpstreamError::Resolve(format!("{} has no addresses", origin.host))))
+        Err(last.unwrap_or_else(|| UpstreamError::Resolve(format!("{host} has no addresses"))))
     }
 
-    /// Addresses of the origin: IP literals directly, names through a resolver thread, cached.
-    async fn resolve(&self, origin: &Origin) -> Result<Vec<SocketAddr>, UpstreamError> {
-        if let Ok(ip) = origin.host.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, origin.port)]);
+    /// Addresses of a host: IP literals directly, names through a resolver thread, cached.
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        let key = format!("{}:{}", origin.host, origin.port);
+        let key = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         if let Some((addrs, at)) = self.0.dns.borrow().get(&key)
             && at.elapsed() < DNS_TTL
         {
@@ -482,7 +507,7 @@ impl UpstreamResponse {
             && self.keep_alive
             && self.buf.is_empty()
         {
-            self.client.put_idle(self.origin.clone(), conn);
+            self.client.put_idle(self.route.clone(), conn);
         }
     }
 }
