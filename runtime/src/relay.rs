@@ -382,23 +382,6 @@ pub fn route(
     snapshot.channels.get(&id).cloned()
 }
 
-/// What an attempt produced: a complete body already in the client's protocol, or a stream to convert
-/// as it arrives.
-pub enum Answer {
-    Complete(FullAnswer),
-    Stream(Box<(UpstreamResponse, StreamConverter)>),
-}
-
-pub struct FullAnswer {
-    pub status: u16,
-    pub content_type: String,
-    pub body: Bytes,
-    pub usage: Option<Usage>,
-}
-
-/// `max_tokens` sent to Anthropic upstreams when the client gave none.
-const DEFAULT_MAX_TOKENS: u32 = 4096;
-
 /// Step 4 with health: the next channel this worker is not cooling down; when every remaining one is
 /// cooling down, the next one anyway (trying beats refusing).
 pub fn pick_healthy(
@@ -417,6 +400,23 @@ pub fn pick_healthy(
     }
     route(worker, snapshot, group, model, tried)
 }
+
+/// What an attempt produced: a complete body already in the client's protocol, or a stream to convert
+/// as it arrives.
+pub enum Answer {
+    Complete(FullAnswer),
+    Stream(Box<(UpstreamResponse, StreamConverter)>),
+}
+
+pub struct FullAnswer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Bytes,
+    pub usage: Option<Usage>,
+}
+
+/// `max_tokens` sent to Anthropic upstreams when the client gave none.
+const DEFAULT_MAX_TOKENS: u32 = 4096;
 
 /// Feeds an attempt's outcome to the worker's channel health, and disables the channel (status 3)
 /// when the answer matches the auto-disable rules. Client errors (a 4xx the client caused) count
