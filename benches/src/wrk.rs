@@ -34,6 +34,11 @@ fn lua_string(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
 }
 
+/// Whether `wrk` can be run.
+pub fn available() -> bool {
+    Command::new("wrk").arg("-v").output().is_ok()
+}
+
 /// Runs wrk pinned to `cpu` (when given) against `url`.
 pub fn run(
     url: &str,
@@ -41,6 +46,7 @@ pub fn run(
     connections: u32,
     threads: u32,
     duration: Duration,
+    timeout: Duration,
     cpu: Option<usize>,
 ) -> Result<WrkResult, String> {
     let mut cmd = match cpu {
@@ -58,6 +64,8 @@ pub fn run(
         .arg(connections.to_string())
         .arg("-d")
         .arg(format!("{}s", duration.as_secs().max(1)))
+        .arg("--timeout")
+        .arg(format!("{}s", timeout.as_secs().max(1)))
         .arg("-s")
         .arg(script)
         .arg(url);
