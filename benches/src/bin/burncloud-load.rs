@@ -778,10 +778,19 @@ fn report(
                 put(format!("{sys}_{}_overhead_ms_at_{pct}pct", key.trim_end_matches("_ms")), over);
             }
         }
+        // The goal is judged only at rates nginx sustained (an overloaded reference says nothing);
+        // there BurnCloud must sustain the rate too, with a p99 overhead no larger than nginx's.
+        let kept_up = |sys: &str| {
+            fixed(sys, *frac, "achieved_rps")
+                .zip(fixed(sys, *frac, "rate"))
+                .is_some_and(|(a, r)| a >= 0.98 * r)
+                && fixed(sys, *frac, "unsent")
+                    .is_some_and(|u| u <= 0.01 * fixed(sys, *frac, "rate").unwrap_or(0.0))
+        };
         let b = fixed("burncloud", *frac, "p99_ms").zip(fixed("direct", *frac, "p99_ms")).map(|(s, d)| s - d);
         let n = fixed("nginx", *frac, "p99_ms").zip(fixed("direct", *frac, "p99_ms")).map(|(s, d)| s - d);
-        if let (Some(b), Some(n)) = (b, n) {
-            p99_goal = Some(p99_goal.unwrap_or(true) && b <= n.max(0.0) + 0.005);
+        if let (Some(b), Some(n), true) = (b, n, kept_up("nginx")) {
+            p99_goal = Some(p99_goal.unwrap_or(true) && kept_up("burncloud") && b <= n.max(0.0) + 0.005);
         }
     }
     let stream = |sys: &str, key: &str| systems.get(sys)?.get("streams")?.get(key)?.as_f64();
@@ -809,7 +818,7 @@ fn report(
     let goals = json!({
         "throughput_vs_nginx": goal(ratio("burncloud_vs_nginx_rps"), 1.0, true),
         "throughput_vs_nginx_256": goal(ratio(&format!("burncloud_vs_nginx_rps_{}", o.connections.get(1).copied().unwrap_or(256))), 1.0, true),
-        "p99_overhead_le_nginx_at_every_rate": {"met": p99_goal},
+        "p99_overhead_le_nginx_at_rates_nginx_sustained": {"met": p99_goal},
         "throughput_vs_litellm": goal(ratio("burncloud_vs_litellm_rps"), 300.0, true),
         "throughput_vs_portkey": goal(ratio("burncloud_vs_portkey_rps"), 30.0, true),
         "kib_per_idle_conn": goal(ratio("burncloud_kib_per_idle_conn"), 10.0, false),
