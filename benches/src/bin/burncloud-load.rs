@@ -8,9 +8,9 @@
 //!    count, with CPU µs per request and RSS;
 //! 2. latency p50/p99/p99.9 at fixed rates (fractions of nginx's maximum), open loop, from the scheduled
 //!    send time;
-//! 3. RSS per idle keep-alive connection (10,000 by default);
-//! 4. concurrent streams (1,000 by default, 60 ms between events): time to first byte, inter-event
-//!    delays, peak RSS.
+//! 3. concurrent streams (1,000 by default, 60 ms between events): time to first byte, inter-event
+//!    delays, peak RSS;
+//! 4. RSS per idle keep-alive connection (10,000 by default).
 //!
 //! Writes the JSON report (benches/results/latest.json), a markdown table next to it (.md), a chart
 //! (.png), and prints the table.
@@ -220,6 +220,7 @@ struct Measured {
     fixed_note: Option<String>,
     idle: Option<Value>,
     streams: Option<StreamResult>,
+    stream_rss_before: Option<u64>,
     errors: Vec<String>,
 }
 
@@ -448,18 +449,7 @@ fn run(o: &Options) -> Result<(), String> {
         }
     }
 
-    // 3. RSS per idle keep-alive connection.
-    let idle_n = o.idle_connections.min(nofile.saturating_sub(2000) as usize);
-    if idle_n > 0 {
-        for t in targets.iter().filter(|t| t.name != "direct" && alive(t)) {
-            let Some(pid) = t.pid else { continue };
-            let v = idle_connections(t, pid, idle_n, o.smoke);
-            eprintln!("idle {}: {v}", t.name);
-            measured.entry(t.name).or_default().idle = Some(v);
-        }
-    }
-
-    // 4. Concurrent streams, after one warm-up stream each (one-time costs such as loading a
+    // 3. Concurrent streams, after one warm-up stream each (one-time costs such as loading a
     //    tokenizer are not the steady state).
     for t in &targets {
         let _ = client::Conn::connect(&t.sock, Duration::from_secs(10))
@@ -471,12 +461,25 @@ fn run(o: &Options) -> Result<(), String> {
             continue;
         }
         procs::wait(Duration::from_millis(500));
+        let before = t.pid.and_then(procs::rss_tree_kib);
         let r = loadgen::streams(t.sock, t.stream_request.clone(), n, Duration::from_secs(30), t.pid);
+        measured.entry(t.name).or_default().stream_rss_before = before;
         eprintln!(
             "streams {} × {n}: ok {} ttfb p50 {:.2} p99 {:.2} ms gap p50 {:.2} p99 {:.2} ms events {:.1} rss {:?}",
             t.name, r.ok, r.ttfb.p50, r.ttfb.p99, r.gap.p50, r.gap.p99, r.events, r.peak_rss_kib
         );
         measured.entry(t.name).or_default().streams = Some(r);
+    }
+
+    // 4. RSS per idle keep-alive connection (last: the memory it takes is not always given back).
+    let idle_n = o.idle_connections.min(nofile.saturating_sub(2000) as usize);
+    if idle_n > 0 {
+        for t in targets.iter().filter(|t| t.name != "direct" && alive(t)) {
+            let Some(pid) = t.pid else { continue };
+            let v = idle_connections(t, pid, idle_n, o.smoke);
+            eprintln!("idle {}: {v}", t.name);
+            measured.entry(t.name).or_default().idle = Some(v);
+        }
     }
 
     // Optional: profile BurnCloud under load.
@@ -728,6 +731,9 @@ fn report(
                     "ttfb_p50_ms": t(st.ttfb.p50), "ttfb_p99_ms": t(st.ttfb.p99),
                     "gap_p50_ms": t(st.gap.p50), "gap_p99_ms": t(st.gap.p99),
                     "gap_mean_ms": t(st.gap.mean), "gap_max_ms": t(st.gap.max), "rss_kib": st.peak_rss_kib,
+                    "rss_before_kib": m.stream_rss_before,
+                    "kib_per_stream": st.peak_rss_kib.zip(m.stream_rss_before).filter(|_| st.streams > 0)
+                        .map(|(p, b)| round2(p.saturating_sub(b) as f64 / st.streams as f64)),
                     "failure": st.failure,
                 }),
             );
@@ -876,7 +882,7 @@ fn table(r: &Value) -> String {
     let c1 = conns.get(1).copied();
     let mut t = String::new();
     t.push_str(&format!(
-        "| system | req/s @{c0} | req/s @{} | p50 / p99 ms @{c0} | CPU µs/req | RSS KiB idle → loaded | KiB / idle conn | streams: RSS KiB, TTFB p50 ms, gap p99 ms |\n",
+        "| system | req/s @{c0} | req/s @{} | p50 / p99 ms @{c0} | CPU µs/req | RSS KiB idle → loaded | KiB / idle conn | streams ok: peak RSS KiB (KiB/stream), TTFB p50 ms, gap p99 ms |\n",
         c1.map_or("—".into(), |c| c.to_string())
     ));
     t.push_str("|---|---:|---:|---:|---:|---:|---:|---:|\n");
@@ -895,10 +901,11 @@ fn table(r: &Value) -> String {
             format!("failed: {}", st["failure"].as_str().unwrap_or("no stream completed"))
         } else if st.is_object() {
             format!(
-                "{} × {}: {}, {}, {}",
+                "{} of {}: {} ({}), {}, {}",
                 st["ok"].as_u64().unwrap_or(0),
                 st["streams"].as_u64().unwrap_or(0),
                 fmt_num(st["rss_kib"].as_f64(), 0),
+                fmt_num(st["kib_per_stream"].as_f64(), 1),
                 fmt_num(st["ttfb_p50_ms"].as_f64(), 2),
                 fmt_num(st["gap_p99_ms"].as_f64(), 1)
             )
