@@ -14,6 +14,7 @@ pub mod lease;
 pub mod model;
 pub mod password;
 pub mod pricing;
+pub mod ratelimit;
 pub mod routing;
 
 pub use error::{ErrorKind, ErrorSource, GatewayError};

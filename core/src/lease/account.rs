@@ -375,7 +375,9 @@ impl LeaseAccount {
                 ReplyEffect::Fenced
             }
             Err(LedgerError::Stale { .. }) => ReplyEffect::Ignored,
-            Err(LedgerError::UnknownInstance) | Err(LedgerError::Unavailable(_)) => ReplyEffect::Retry,
+            Err(LedgerError::UnknownInstance)
+            | Err(LedgerError::UnknownAccount)
+            | Err(LedgerError::Unavailable(_)) => ReplyEffect::Retry,
             Err(e @ LedgerError::Invalid(_)) => {
                 self.in_flight = None;
                 match call.op {
@@ -432,7 +434,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::lease::TopUpId;
+    use crate::lease::Funding;
     use crate::lease::ids::InstanceId;
     use crate::lease::ledger::Ledger;
     use crate::lease::model::ModelLedger;
@@ -449,7 +451,7 @@ mod tests {
 
     fn ledger(balance: Quota) -> ModelLedger {
         let mut l = ModelLedger::new(64);
-        l.top_up(TopUpId(1), USER, balance).unwrap();
+        l.open(USER, Funding { remaining: balance, total: balance, version: 1 }).unwrap();
         l.heartbeat(InstanceId(1), 0).unwrap();
         l
     }

@@ -164,7 +164,7 @@ impl LeaseBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::TopUpId;
+    use crate::lease::Funding;
     use crate::lease::ledger::Ledger;
     use crate::lease::model::ModelLedger;
 
@@ -200,7 +200,7 @@ mod tests {
     #[test]
     fn a_fence_stops_admission_until_a_new_id_is_adopted() {
         let mut l = ModelLedger::default();
-        l.top_up(TopUpId(1), USER, 100_000).unwrap();
+        l.open(USER, Funding { remaining: 100_000, total: 100_000, version: 1 }).unwrap();
         l.heartbeat(InstanceId(1), 0).unwrap();
         let mut b = book(1);
         b.heartbeat_acked(0);
@@ -225,8 +225,8 @@ mod tests {
     #[test]
     fn user_and_key_are_leased_separately() {
         let mut l = ModelLedger::default();
-        l.top_up(TopUpId(1), USER, 100_000).unwrap();
-        l.top_up(TopUpId(2), KEY, 500).unwrap();
+        l.open(USER, Funding { remaining: 100_000, total: 100_000, version: 1 }).unwrap();
+        l.open(KEY, Funding { remaining: 500, total: 500, version: 1 }).unwrap();
         l.heartbeat(InstanceId(1), 0).unwrap();
         let mut b = book(1);
         b.heartbeat_acked(0);

@@ -1,5 +1,5 @@
 //! Names in the lease protocol: who pays ([`Account`]), who holds funds ([`InstanceId`], [`HolderId`]),
-//! and which call is which ([`CallId`], [`TopUpId`]).
+//! and which call is which ([`CallId`]).
 //!
 //! Plain data only; how identifiers are minted (random instance ids, counters) is the caller's business.
 
@@ -35,7 +35,3 @@ pub struct CallId {
     /// after the previous one was answered, so the ledger needs to remember only the row's last call.
     pub seq: u64,
 }
-
-/// Identifies one top-up so that a retried top-up is applied once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TopUpId(pub u64);

@@ -5,8 +5,9 @@
 //! method; the embedded ledger: one critical section on its own thread), and makes it durable before it
 //! answers. A backend never blocks a worker: workers send [`LedgerCall`]s and await replies.
 
-use crate::lease::ids::{Account, CallId, InstanceId, Millis, TopUpId};
+use crate::lease::ids::{Account, CallId, InstanceId, Millis};
 use crate::model::Quota;
+use crate::ratelimit::{RateGrant, RateKey};
 
 /// Why a ledger call was not applied (or not answered).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +22,10 @@ pub enum LedgerError {
     /// The instance never sent a heartbeat; rows are only opened for instances the reaper can see.
     #[error("instance unknown to the ledger")]
     UnknownInstance,
+    /// A take on an account the ledger was never given ([`Ledger::open`]); nothing applied. Open it
+    /// from the durable record and send the same call again.
+    #[error("account not opened at the ledger")]
+    UnknownAccount,
     #[error("invalid ledger call: {0}")]
     Invalid(&'static str),
     /// The backend could not be reached; the call may or may not have been applied. Retry it as is.
@@ -41,10 +46,25 @@ pub enum Reclaim {
     Reclaimed { returned: Vec<(CallId, Quota)> },
 }
 
+/// An account's funding as the durable record (the database) last knew it.
+///
+/// `total` is everything ever granted to the account (for a user `quota + used_quota`, which spending
+/// leaves unchanged), `remaining` what was left unspent when it was read, and `version` a counter the
+/// database raises with every change of `total` (top-up, redemption, an operator's edit). Versions make
+/// funding idempotent and order-insensitive: the ledger applies a funding only if it is newer than the
+/// one it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Funding {
+    pub remaining: Quota,
+    pub total: Quota,
+    pub version: i64,
+}
+
 /// The atomic calls of the lease protocol (see `docs/LEASES.md`).
 pub trait Ledger {
     /// Grants `min(max(want, floor), balance)` when `balance ≥ max(floor, 1)`, else 0; moves the grant
-    /// from the balance to the caller's row.
+    /// from the balance to the caller's row. [`LedgerError::UnknownAccount`] when the account was never
+    /// opened.
     fn take(&mut self, call: CallId, want: Quota, floor: Quota) -> Result<Quota, LedgerError>;
 
     /// Moves `amount` from the caller's row back to the balance; a negative amount pays a debt.
@@ -54,7 +74,10 @@ pub trait Ledger {
     fn report_spend(&mut self, call: CallId, amount: Quota) -> Result<(), LedgerError>;
 
     /// Records that `instance` is alive at `now` (the ledger's clock); registers it on first call.
-    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<(), LedgerError>;
+    /// Answers the ledger's generation, which changes only when the ledger lost its state (a Redis
+    /// without persistence restarted, a flush): an instance that sees it change must drop every lease
+    /// it holds, because the accounts will be opened again from the durable record.
+    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<u64, LedgerError>;
 
     /// Returns every row of `instance` to the balances and fences the instance, if its last heartbeat
     /// is at least `ttl` old at `now`. `ttl = 0` retires a live instance (graceful shutdown).
@@ -63,11 +86,29 @@ pub trait Ledger {
     /// Instances, not yet fenced, whose last heartbeat is at least `ttl` old at `now`.
     fn stale_instances(&mut self, now: Millis, ttl: Millis) -> Result<Vec<InstanceId>, LedgerError>;
 
-    /// Adds `amount` to the balance, once per `id`.
-    fn top_up(&mut self, id: TopUpId, account: Account, amount: Quota) -> Result<(), LedgerError>;
+    /// Opens an account from the durable record, once: the balance starts at `remaining`, plus any
+    /// funding newer than `funding.version` that [`Ledger::fund`] delivered before the open. A no-op for
+    /// an account already open.
+    fn open(&mut self, account: Account, funding: Funding) -> Result<(), LedgerError>;
+
+    /// Applies a change of funding: when `funding.version` is newer than the account's, the balance
+    /// moves by `funding.total − funded` (a top-up, or an operator lowering a grant). Before the account
+    /// is open only the funding is remembered, for the open to add. `remaining` is not used.
+    fn fund(&mut self, account: Account, funding: Funding) -> Result<(), LedgerError>;
 
     /// The spendable balance (0 for an account never funded).
     fn balance(&mut self, account: Account) -> Result<Quota, LedgerError>;
+
+    /// Takes up to `want` units of a rate limit's sliding window (`limit` per `window` ms) at `now`;
+    /// see [`crate::ratelimit`]. Rate windows are soft state: a restarted ledger may forget them.
+    fn rate_take(
+        &mut self,
+        key: RateKey,
+        now: Millis,
+        want: i64,
+        limit: i64,
+        window: Millis,
+    ) -> Result<RateGrant, LedgerError>;
 }
 
 /// What a row call asks for.

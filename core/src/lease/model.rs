@@ -7,11 +7,12 @@
 //! from those two alone, which is what a crashed ledger process does. Never does I/O itself: writing
 //! the snapshot and the log to disk is the embedding backend's job.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
-use crate::lease::ids::{Account, CallId, HolderId, InstanceId, Millis, TopUpId};
-use crate::lease::ledger::{Ledger, LedgerError, Reclaim};
+use crate::lease::ids::{Account, CallId, HolderId, InstanceId, Millis};
+use crate::lease::ledger::{Funding, Ledger, LedgerError, Reclaim};
 use crate::model::Quota;
+use crate::ratelimit::{RateGrant, RateKey, RateWindow};
 
 /// An account as the ledger sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -20,6 +21,11 @@ pub struct AccountRow {
     pub balance: Quota,
     /// Settled spend reported so far (cumulative).
     pub reported: Quota,
+    /// Whether [`Ledger::open`] set the balance from the durable record.
+    pub opened: bool,
+    /// The funding total the balance reflects, and its version (see [`Funding`]).
+    pub funded: Quota,
+    pub version: i64,
 }
 
 /// One holder's journal entry for one account.
@@ -46,7 +52,8 @@ pub struct LedgerState {
     pub accounts: BTreeMap<Account, AccountRow>,
     pub rows: BTreeMap<(HolderId, Account), Row>,
     pub instances: BTreeMap<InstanceId, InstanceRow>,
-    pub top_ups: BTreeSet<TopUpId>,
+    /// Changes only when the ledger loses its state ([`ModelLedger::wipe`]).
+    pub generation: u64,
 }
 
 /// A call that changed the state, as appended to the log.
@@ -57,7 +64,8 @@ pub enum LedgerOp {
     ReportSpend { call: CallId, amount: Quota },
     Heartbeat { instance: InstanceId, now: Millis },
     Reclaim { instance: InstanceId, now: Millis, ttl: Millis },
-    TopUp { id: TopUpId, account: Account, amount: Quota },
+    Open { account: Account, funding: Funding },
+    Fund { account: Account, funding: Funding },
 }
 
 /// Whether a row call is new or a repeat of the row's last call.
@@ -109,7 +117,10 @@ impl LedgerState {
             let grant = self.rows.get(&(call.holder, call.account)).map_or(0, |r| r.last_grant);
             return Ok((grant, false));
         }
-        let balance = self.accounts.get(&call.account).map_or(0, |a| a.balance);
+        let Some(acct) = self.accounts.get(&call.account).filter(|a| a.opened) else {
+            return Err(LedgerError::UnknownAccount);
+        };
+        let balance = acct.balance;
         let grant = if balance >= floor.max(1) { want.max(floor).min(balance) } else { 0 };
         self.move_funds(call, grant, 0, grant);
         Ok((grant, true))
@@ -138,13 +149,13 @@ impl LedgerState {
         }
     }
 
-    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<(), LedgerError> {
+    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<u64, LedgerError> {
         let row = self.instances.entry(instance).or_default();
         if row.fenced {
             return Err(LedgerError::Fenced { last_seq: 0 });
         }
         row.beat = now;
-        Ok(())
+        Ok(self.generation)
     }
 
     fn reclaim(&mut self, instance: InstanceId, now: Millis, ttl: Millis) -> (Reclaim, bool) {
@@ -174,11 +185,33 @@ impl LedgerState {
             .collect()
     }
 
-    fn top_up(&mut self, id: TopUpId, account: Account, amount: Quota) -> bool {
-        if !self.top_ups.insert(id) {
+    fn open(&mut self, account: Account, funding: Funding) -> bool {
+        let acct = self.accounts.entry(account).or_default();
+        if acct.opened {
             return false;
         }
-        self.accounts.entry(account).or_default().balance += amount;
+        acct.opened = true;
+        if acct.version >= funding.version {
+            // A newer funding arrived before the open: the durable read did not include it.
+            acct.balance += funding.remaining + (acct.funded - funding.total);
+        } else {
+            acct.balance += funding.remaining;
+            acct.funded = funding.total;
+            acct.version = funding.version;
+        }
+        true
+    }
+
+    fn fund(&mut self, account: Account, funding: Funding) -> bool {
+        let acct = self.accounts.entry(account).or_default();
+        if funding.version <= acct.version {
+            return false;
+        }
+        if acct.opened {
+            acct.balance += funding.total - acct.funded;
+        }
+        acct.funded = funding.total;
+        acct.version = funding.version;
         true
     }
 
@@ -190,13 +223,17 @@ impl LedgerState {
             LedgerOp::Take { call, want, floor } => self.take(call, want, floor).map(|_| ()),
             LedgerOp::GiveBack { call, amount } => self.give_back(call, amount).map(|_| ()),
             LedgerOp::ReportSpend { call, amount } => self.report_spend(call, amount).map(|_| ()),
-            LedgerOp::Heartbeat { instance, now } => self.heartbeat(instance, now),
+            LedgerOp::Heartbeat { instance, now } => self.heartbeat(instance, now).map(|_| ()),
             LedgerOp::Reclaim { instance, now, ttl } => {
                 self.reclaim(instance, now, ttl);
                 Ok(())
             }
-            LedgerOp::TopUp { id, account, amount } => {
-                self.top_up(id, account, amount);
+            LedgerOp::Open { account, funding } => {
+                self.open(account, funding);
+                Ok(())
+            }
+            LedgerOp::Fund { account, funding } => {
+                self.fund(account, funding);
                 Ok(())
             }
         };
@@ -211,6 +248,8 @@ pub struct ModelLedger {
     log: Vec<LedgerOp>,
     /// Take a new snapshot (and truncate the log) after this many logged calls.
     snapshot_every: usize,
+    /// Rate-limit windows: soft state, neither snapshotted nor logged.
+    rates: BTreeMap<RateKey, RateWindow>,
 }
 
 impl Default for ModelLedger {
@@ -221,11 +260,13 @@ impl Default for ModelLedger {
 
 impl ModelLedger {
     pub fn new(snapshot_every: usize) -> Self {
+        let state = LedgerState { generation: 1, ..LedgerState::default() };
         Self {
-            state: LedgerState::default(),
-            snapshot: LedgerState::default(),
+            snapshot: state.clone(),
+            state,
             log: Vec::new(),
             snapshot_every: snapshot_every.max(1),
+            rates: BTreeMap::new(),
         }
     }
 
@@ -235,7 +276,24 @@ impl ModelLedger {
         for op in log {
             state.replay(op);
         }
-        Self { state, snapshot, log: log.to_vec(), snapshot_every: snapshot_every.max(1) }
+        Self {
+            state,
+            snapshot,
+            log: log.to_vec(),
+            snapshot_every: snapshot_every.max(1),
+            rates: BTreeMap::new(),
+        }
+    }
+
+    /// The ledger loses everything it held (a Redis without persistence restarting): every account,
+    /// row and instance is gone and the generation changes, so instances know to start over.
+    pub fn wipe(&mut self) {
+        let generation = self.state.generation.wrapping_add(1).max(1);
+        let state = LedgerState { generation, ..LedgerState::default() };
+        self.snapshot = state.clone();
+        self.state = state;
+        self.log.clear();
+        self.rates.clear();
     }
 
     /// A crash and restart: the live state is dropped and rebuilt from the snapshot and the log.
@@ -296,10 +354,10 @@ impl Ledger for ModelLedger {
         Ok(())
     }
 
-    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<(), LedgerError> {
-        self.state.heartbeat(instance, now)?;
+    fn heartbeat(&mut self, instance: InstanceId, now: Millis) -> Result<u64, LedgerError> {
+        let generation = self.state.heartbeat(instance, now)?;
         self.record(LedgerOp::Heartbeat { instance, now });
-        Ok(())
+        Ok(generation)
     }
 
     fn reclaim(&mut self, instance: InstanceId, now: Millis, ttl: Millis) -> Result<Reclaim, LedgerError> {
@@ -314,15 +372,33 @@ impl Ledger for ModelLedger {
         Ok(self.state.stale_instances(now, ttl))
     }
 
-    fn top_up(&mut self, id: TopUpId, account: Account, amount: Quota) -> Result<(), LedgerError> {
-        if self.state.top_up(id, account, amount) {
-            self.record(LedgerOp::TopUp { id, account, amount });
+    fn open(&mut self, account: Account, funding: Funding) -> Result<(), LedgerError> {
+        if self.state.open(account, funding) {
+            self.record(LedgerOp::Open { account, funding });
+        }
+        Ok(())
+    }
+
+    fn fund(&mut self, account: Account, funding: Funding) -> Result<(), LedgerError> {
+        if self.state.fund(account, funding) {
+            self.record(LedgerOp::Fund { account, funding });
         }
         Ok(())
     }
 
     fn balance(&mut self, account: Account) -> Result<Quota, LedgerError> {
         Ok(self.account(account).balance)
+    }
+
+    fn rate_take(
+        &mut self,
+        key: RateKey,
+        now: Millis,
+        want: i64,
+        limit: i64,
+        window: Millis,
+    ) -> Result<RateGrant, LedgerError> {
+        Ok(self.rates.entry(key).or_default().take(now, want, limit, window))
     }
 }
 
@@ -344,9 +420,13 @@ mod tests {
 
     fn funded(balance: Quota) -> ModelLedger {
         let mut l = ModelLedger::new(4);
-        l.top_up(TopUpId(1), USER, balance).unwrap();
+        l.open(USER, Funding { remaining: balance, total: balance, version: 1 }).unwrap();
         l.heartbeat(InstanceId(1), 0).unwrap();
         l
+    }
+
+    fn funding(total: Quota, version: i64) -> Funding {
+        Funding { remaining: total, total, version }
     }
 
     fn conserved(l: &ModelLedger, funds: Quota) -> bool {
@@ -417,11 +497,44 @@ mod tests {
     }
 
     #[test]
-    fn top_ups_apply_once_per_id() {
+    fn fundings_apply_once_per_version_and_never_backwards() {
         let mut l = funded(100);
-        l.top_up(TopUpId(2), USER, 50).unwrap();
-        l.top_up(TopUpId(2), USER, 50).unwrap();
+        l.fund(USER, funding(150, 2)).unwrap();
+        l.fund(USER, funding(150, 2)).unwrap();
+        l.fund(USER, funding(120, 1)).unwrap();
         assert_eq!(l.account(USER).balance, 150);
+        l.fund(USER, funding(130, 3)).unwrap();
+        assert_eq!(l.account(USER).balance, 130);
+    }
+
+    #[test]
+    fn a_take_on_an_account_never_opened_is_refused_until_it_is() {
+        let mut l = ModelLedger::new(4);
+        l.heartbeat(InstanceId(1), 0).unwrap();
+        assert_eq!(l.take(call(1, 1), 10, 0), Err(LedgerError::UnknownAccount));
+        l.open(USER, Funding { remaining: 70, total: 100, version: 4 }).unwrap();
+        assert_eq!(l.take(call(1, 1), 10, 0), Ok(10));
+    }
+
+    #[test]
+    fn a_funding_that_overtakes_the_open_is_added_to_it() {
+        let mut l = ModelLedger::new(4);
+        // The database read for the open saw total 100 (70 left); a top-up of 50 landed after it.
+        l.fund(USER, funding(150, 5)).unwrap();
+        l.open(USER, Funding { remaining: 70, total: 100, version: 4 }).unwrap();
+        assert_eq!(l.account(USER).balance, 120);
+        l.open(USER, Funding { remaining: 1_000, total: 1_000, version: 9 }).unwrap();
+        assert_eq!(l.account(USER).balance, 120);
+    }
+
+    #[test]
+    fn a_wipe_forgets_everything_and_changes_the_generation() {
+        let mut l = funded(100);
+        let before = l.heartbeat(InstanceId(1), 1).unwrap();
+        l.wipe();
+        assert_eq!(l.take(call(1, 1), 10, 0), Err(LedgerError::UnknownInstance));
+        assert_ne!(l.heartbeat(InstanceId(1), 2).unwrap(), before);
+        assert_eq!(l.take(call(1, 1), 10, 0), Err(LedgerError::UnknownAccount));
     }
 
     #[derive(Debug, Clone)]
@@ -458,7 +571,7 @@ mod tests {
         fn the_ledger_conserves_money(ops in proptest::collection::vec(op(), 1..120)) {
             let mut l = funded(1_000);
             l.heartbeat(InstanceId(2), 0).unwrap();
-            let (mut funds, mut seq, mut last, mut top_up) = (1_000, 0u64, None, 1);
+            let (mut funds, mut seq, mut last, mut version) = (1_000, 0u64, None, 1);
             for op in ops {
                 let before = l.state().clone();
                 let mut next = |instance| { seq += 1; call(instance, seq) };
@@ -484,9 +597,9 @@ mod tests {
                     }
                     Op::Reclaim { instance } => { l.reclaim(InstanceId(instance), 0, 0).unwrap(); }
                     Op::TopUp { amount } => {
-                        top_up += 1;
-                        l.top_up(TopUpId(top_up), USER, amount).unwrap();
+                        version += 1;
                         funds += amount;
+                        l.fund(USER, funding(funds, version)).unwrap();
                     }
                     Op::Restart => {
                         l.restart();

@@ -91,8 +91,8 @@ impl Sim {
             } else {
                 self.rng.range(1, 100_000)
             };
-            let id = self.top_up_id();
-            self.pending_top_ups.push((id, account, amount));
+            let funding = self.next_funding(account, amount);
+            self.pending_top_ups.push((account, funding));
         }
         if self.rng.chance(self.params.p_crash) {
             self.crash()?;
@@ -180,16 +180,19 @@ impl Sim {
             return;
         }
         let pending = std::mem::take(&mut self.pending_top_ups);
-        for (id, account, amount) in pending {
-            let _ = self.ledger.top_up(id, account, amount);
-            if self.ledger.state().top_ups.contains(&id) && self.applied_top_ups.insert(id) {
-                self.truth.entry(account).or_default().funded += amount;
+        for (account, funding) in pending {
+            let before = self.ledger.account(account).version;
+            let _ = self.ledger.fund(account, funding);
+            let applied = self.ledger.account(account).version;
+            if applied > before {
+                let total = self.fundings.get(&account).and_then(|v| v.get(&applied)).copied();
+                self.truth.entry(account).or_default().funded = total.unwrap_or_default();
                 self.stats.top_ups += 1;
             }
             let reply_lost = self.reply_lost();
-            self.record(Ev::TopUp { id, account, amount, reply_lost });
+            self.record(Ev::TopUp { account, funding, reply_lost });
             if reply_lost {
-                self.pending_top_ups.push((id, account, amount));
+                self.pending_top_ups.push((account, funding));
             }
         }
     }

@@ -14,11 +14,11 @@ mod params;
 pub mod rng;
 mod trace;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use burncloud_core::lease::{
-    Account, CallId, CallReply, HolderId, InstanceId, LeaseAccount, LeaseBook, Ledger, LedgerCall,
-    LedgerError, Millis, ModelLedger, NotAdmitted, PreDeduction, ReplyEffect, TopUpId,
+    Account, CallId, CallReply, Funding, HolderId, InstanceId, LeaseAccount, LeaseBook, Ledger, LedgerCall,
+    LedgerError, Millis, ModelLedger, NotAdmitted, PreDeduction, ReplyEffect,
 };
 use burncloud_core::model::Quota;
 use burncloud_core::pricing::Price;
@@ -105,7 +105,7 @@ struct Msg {
 /// Ground truth per account, kept by the simulator independently of the code under test.
 #[derive(Debug, Clone, Copy, Default)]
 struct Truth {
-    /// Top-ups the ledger applied (initial funding included).
+    /// The funding total of the newest version the ledger applied (the open included).
     funded: Quota,
     /// Actual cost of every settled request.
     spent: Quota,
@@ -134,10 +134,11 @@ pub struct Sim {
     keys: Vec<(Account, Account, bool)>,
     prices: Vec<Price>,
     truth: BTreeMap<Account, Truth>,
-    pending_top_ups: Vec<(TopUpId, Account, Quota)>,
-    applied_top_ups: BTreeSet<TopUpId>,
+    /// Fundings sent to the ledger and not yet acknowledged (a lost reply sends them again).
+    pending_top_ups: Vec<(Account, Funding)>,
+    /// Every funding version issued per account, with its total.
+    fundings: BTreeMap<Account, BTreeMap<i64, Quota>>,
     next_instance: u64,
-    next_top_up: u64,
     next_req: u64,
     last_jump: Option<Millis>,
     /// No new requests until then (lets leases go idle).
@@ -187,9 +188,8 @@ impl Sim {
             prices,
             truth: BTreeMap::new(),
             pending_top_ups: Vec::new(),
-            applied_top_ups: BTreeSet::new(),
+            fundings: BTreeMap::new(),
             next_instance: 1,
-            next_top_up: 1,
             next_req: 1,
             last_jump: None,
             quiet_until: 0,
@@ -205,10 +205,12 @@ impl Sim {
                 3..=6 => sim.rng.range(0, 300_000),
                 _ => sim.rng.range(1_000_000, 20_000_000),
             };
-            let id = sim.top_up_id();
-            sim.pending_top_ups.push((id, account, funds));
+            // The account is opened from the durable record; later fundings come as new versions.
+            let opening = Funding { remaining: funds, total: funds, version: 1 };
+            let _ = sim.ledger.open(account, opening);
+            sim.fundings.entry(account).or_default().insert(1, funds);
+            sim.truth.entry(account).or_default().funded = funds;
         }
-        sim.retry_top_ups();
         for _ in 0..sim.params.instances {
             let inst = sim.start_instance();
             sim.live.push(inst);
@@ -222,9 +224,13 @@ impl Sim {
             .chain(self.keys.iter().filter(|(_, _, limited)| *limited).map(|(k, _, _)| *k))
     }
 
-    fn top_up_id(&mut self) -> TopUpId {
-        self.next_top_up += 1;
-        TopUpId(self.next_top_up)
+    /// A new funding version for `account`: its total grows by `amount`.
+    fn next_funding(&mut self, account: Account, amount: Quota) -> Funding {
+        let versions = self.fundings.entry(account).or_default();
+        let (version, total) = versions.last_key_value().map_or((0, 0), |(v, t)| (*v, *t));
+        let funding = Funding { remaining: 0, total: total + amount, version: version + 1 };
+        versions.insert(funding.version, funding.total);
+        funding
     }
 
     fn mint_instance(&mut self) -> InstanceId {
@@ -371,7 +377,7 @@ impl Sim {
             return;
         }
         let at = self.ledger_now();
-        let result = self.ledger.heartbeat(instance, at);
+        let result = self.ledger.heartbeat(instance, at).map(|_generation| ());
         self.record(Ev::Beat { instance, at, result: result.clone() });
         if !self.reply_lost() {
             self.send(Payload::BeatReply { instance, sent_at, result });

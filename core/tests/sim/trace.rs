@@ -4,8 +4,8 @@
 use std::fmt::Write as _;
 
 use burncloud_core::lease::{
-    Account, CallId, CallReply, HolderId, InstanceId, LedgerCall, LedgerError, Millis, NotAdmitted,
-    ReplyEffect, TopUpId,
+    Account, CallId, CallReply, Funding, HolderId, InstanceId, LedgerCall, LedgerError, Millis, NotAdmitted,
+    ReplyEffect,
 };
 use burncloud_core::model::Quota;
 
@@ -61,7 +61,7 @@ pub(super) enum Ev {
     LedgerRestart { down_for: Millis },
     ClockJump { instance: Option<InstanceId>, by: Millis },
     Pause { instance: InstanceId, until: Millis },
-    TopUp { id: TopUpId, account: Account, amount: Quota, reply_lost: bool },
+    TopUp { account: Account, funding: Funding, reply_lost: bool },
 }
 
 impl Ev {
