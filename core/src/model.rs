@@ -42,6 +42,10 @@ pub struct User {
     pub used_quota: Quota,
     pub request_count: i64,
     pub created_time: i64,
+    /// Raised with every change of the user's funding (`quota + used_quota`): top-ups and edits of
+    /// `quota`. The balance ledger applies fundings by version (see `lease::Funding`).
+    #[serde(default)]
+    pub quota_version: i64,
 }
 
 /// An API key. The secret itself is never stored: only its SHA-256 (`key_hash`) and a masked form.
@@ -72,6 +76,9 @@ pub struct Token {
     pub rpm: i64,
     /// Tokens per minute; 0 = unlimited.
     pub tpm: i64,
+    /// Raised with every change of the key's funding (`remain_quota + used_quota`, or its limited flag).
+    #[serde(default)]
+    pub quota_version: i64,
 }
 
 /// The protocol an upstream channel speaks.

@@ -521,6 +521,7 @@ async fn create_user(worker: &Worker, req: &Request) -> ApiResult {
         used_quota: 0,
         request_count: 0,
         created_time: unix_now(),
+        quota_version: 1,
     };
     input.apply(&mut u)?;
     if u.quota < 0 {
@@ -669,6 +670,7 @@ async fn create_token(worker: &Worker, req: &Request) -> ApiResult {
         group: String::new(),
         rpm: 0,
         tpm: 0,
+        quota_version: 1,
     };
     input.apply(&mut t)?;
     let saved = worker.shared.storage.create_token(t).await?;

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use burncloud_core::lease::{Account, Funding};
 use burncloud_core::model::{Channel, LogEntry, Quota, Token, User};
 use crossbeam_channel::Sender;
 use futures_channel::oneshot;
@@ -320,6 +321,14 @@ impl StorageHandle {
     /// transaction, after the consume events recorded before it.
     pub async fn topup_user(&self, id: i64, quota: Quota, now: i64) -> Result<Option<User>, StorageError> {
         self.call(|reply| Command::TopupUser { id, quota, now, reply }).await
+    }
+
+    /// What the database says an account was granted and has left, after the consume events recorded
+    /// before this call are committed: for a user `quota` left of `quota + used_quota`; for a key with
+    /// limited quota `remain_quota` of `remain_quota + used_quota`. `None` for a user or key that does
+    /// not exist, and for a key with unlimited quota (it has no balance of its own).
+    pub async fn funding(&self, account: Account) -> Result<Option<Funding>, StorageError> {
+        self.call(|r| Command::Funding(account, r)).await
     }
 
     /// Inserts the key: `t.key_hash` and the masked `t.key` come from the caller. `NotFound` when the

@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use burncloud_core::lease::{Account, Funding};
 use burncloud_core::model::{
     Channel, ChannelType, LOG_TOPUP, LogEntry, Quota, STATUS_ENABLED, Token, User, split_list,
 };
@@ -27,12 +28,12 @@ type AnyQuery = sqlx::query::Query<'static, Any, AnyArguments>;
 
 macro_rules! user_cols {
     () => {
-        r#"id, username, password_hash, display_name, role, status, email, "group", quota, used_quota, request_count, created_time"#
+        r#"id, username, password_hash, display_name, role, status, email, "group", quota, used_quota, request_count, created_time, quota_version"#
     };
 }
 macro_rules! token_cols {
     () => {
-        r#"id, user_id, key_masked, key_hash, name, status, created_time, accessed_time, expired_time, remain_quota, unlimited_quota, used_quota, models, allow_ips, "group", rpm, tpm"#
+        r#"id, user_id, key_masked, key_hash, name, status, created_time, accessed_time, expired_time, remain_quota, unlimited_quota, used_quota, models, allow_ips, "group", rpm, tpm, quota_version"#
     };
 }
 macro_rules! channel_cols {
@@ -469,7 +470,8 @@ impl Db {
     pub(crate) async fn update_user(&self, u: User) -> Result<Option<User>, StorageError> {
         let row = sqlx::query(concat!(
             r#"UPDATE users SET username = $1, password_hash = CASE WHEN $2 = '' THEN password_hash ELSE $2 END,
-               display_name = $3, role = $4, status = $5, email = $6, "group" = $7, quota = $8
+               display_name = $3, role = $4, status = $5, email = $6, "group" = $7, quota = $8,
+               quota_version = CASE WHEN quota = $8 THEN quota_version ELSE quota_version + 1 END
                WHERE id = $9 AND deleted_at IS NULL RETURNING "#,
             user_cols!()
         ))
@@ -500,7 +502,8 @@ impl Db {
     ) -> Result<Option<User>, StorageError> {
         let mut tx = self.begin().await?;
         let row = sqlx::query(concat!(
-            "UPDATE users SET quota = quota + $1 WHERE id = $2 AND deleted_at IS NULL RETURNING ",
+            "UPDATE users SET quota = quota + $1, quota_version = quota_version + 1 \
+             WHERE id = $2 AND deleted_at IS NULL RETURNING ",
             user_cols!()
         ))
         .bind(quota)
@@ -528,6 +531,35 @@ impl Db {
             .map_err(|e| self.err(e))?;
         tx.commit().await.map_err(|e| self.err(e))?;
         Ok(Some(user))
+    }
+
+    /// An account's funding as the database has it (see `StorageHandle::funding`).
+    pub(crate) async fn funding(&self, account: Account) -> Result<Option<Funding>, StorageError> {
+        let row = match account {
+            Account::User(id) => sqlx::query(
+                "SELECT quota AS remaining, used_quota, quota_version FROM users \
+                 WHERE id = $1 AND deleted_at IS NULL",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?,
+            Account::Key(id) => sqlx::query(
+                "SELECT remain_quota AS remaining, used_quota, quota_version FROM tokens \
+                 WHERE id = $1 AND NOT unlimited_quota",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?,
+        };
+        let Some(row) = row else { return Ok(None) };
+        let remaining = int(&row, "remaining")?;
+        Ok(Some(Funding {
+            remaining,
+            total: remaining + int(&row, "used_quota")?,
+            version: int(&row, "quota_version")?,
+        }))
     }
 
     // ---- tokens ---------------------------------------------------------------------------------
@@ -605,7 +637,9 @@ impl Db {
     pub(crate) async fn update_token(&self, t: Token) -> Result<Option<Token>, StorageError> {
         let row = sqlx::query(concat!(
             r#"UPDATE tokens SET name = $1, status = $2, expired_time = $3, remain_quota = $4,
-               unlimited_quota = $5, models = $6, allow_ips = $7, "group" = $8, rpm = $9, tpm = $10
+               unlimited_quota = $5, models = $6, allow_ips = $7, "group" = $8, rpm = $9, tpm = $10,
+               quota_version = CASE WHEN remain_quota = $4 AND unlimited_quota = $5 THEN quota_version
+                                    ELSE quota_version + 1 END
                WHERE id = $11 RETURNING "#,
             token_cols!()
         ))
@@ -816,6 +850,7 @@ fn user_from_row(row: &AnyRow) -> Result<User, StorageError> {
         used_quota: int(row, "used_quota")?,
         request_count: int(row, "request_count")?,
         created_time: int(row, "created_time")?,
+        quota_version: int(row, "quota_version")?,
     })
 }
 
@@ -838,6 +873,7 @@ fn token_from_row(row: &AnyRow) -> Result<Token, StorageError> {
         group: text(row, "group")?,
         rpm: int(row, "rpm")?,
         tpm: int(row, "tpm")?,
+        quota_version: int(row, "quota_version")?,
     })
 }
 

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use burncloud_core::lease::{Account, Funding};
 use burncloud_core::model::{Channel, LogEntry, Quota, Token, User};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use futures_channel::oneshot;
@@ -45,6 +46,7 @@ pub(crate) enum Command {
     GetUser(i64, Reply<Option<User>>),
     UpdateUser(User, Reply<Option<User>>),
     TopupUser { id: i64, quota: Quota, now: i64, reply: Reply<Option<User>> },
+    Funding(Account, Reply<Option<Funding>>),
     CreateToken(Token, Reply<Token>),
     GetToken(i64, Reply<Option<Token>>),
     UpdateToken(Token, Reply<Option<Token>>),
@@ -357,6 +359,13 @@ impl Writer {
             Command::TopupUser { id, quota, now, reply } => {
                 let r = match self.flush_now().await {
                     Ok(()) => self.db.topup_user(id, quota, now).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Funding(account, reply) => {
+                let r = match self.flush_now().await {
+                    Ok(()) => self.db.funding(account).await,
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);

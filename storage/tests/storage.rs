@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use burncloud_core::lease::{Account, Funding};
 use burncloud_core::model::{
     Channel, ChannelType, LOG_CONSUME, LOG_ERROR, LOG_TOPUP, LogEntry, STATUS_DISABLED, STATUS_ENABLED,
     Token, User,
@@ -202,6 +203,7 @@ scenarios!(
     shutdown_flushes_queued_events,
     failed_batches_are_kept_spilled_and_replayed,
     options_upsert,
+    fundings_follow_topups_edits_and_spend,
 );
 
 // ---- fixtures -------------------------------------------------------------------------------------
@@ -220,6 +222,7 @@ fn user(name: &str, quota: i64) -> User {
         used_quota: 0,
         request_count: 0,
         created_time: 0,
+        quota_version: 1,
     }
 }
 
@@ -242,6 +245,7 @@ fn token(user_id: i64, hash: &str, remain: i64, unlimited: bool) -> Token {
         group: String::new(),
         rpm: 60,
         tpm: 0,
+        quota_version: 1,
     }
 }
 
@@ -761,4 +765,44 @@ fn sqlite_file_is_created_in_wal_mode() {
     t.shutdown().unwrap();
     assert!(db.dir.join("burncloud.db").exists());
     assert_eq!(db.rows("PRAGMA journal_mode"), vec![vec!["wal".to_string()]]);
+}
+
+fn fundings_follow_topups_edits_and_spend(db: &TestDb) {
+    let (h, t) = db.start();
+    let alice = block(h.create_user(user("alice", 1_000))).unwrap();
+    let user = Account::User(alice.id);
+    assert_eq!(block(h.funding(user)).unwrap(), Some(Funding { remaining: 1_000, total: 1_000, version: 1 }));
+
+    // Spending moves quota to used_quota: the total and the version stay.
+    let key = block(h.create_token(token(alice.id, "f1", 300, false))).unwrap();
+    h.record(consume(&alice, &key, 0, 120, 1, "gpt-4o"));
+    assert_eq!(block(h.funding(user)).unwrap(), Some(Funding { remaining: 880, total: 1_000, version: 1 }));
+    let limited = Account::Key(key.id);
+    assert_eq!(block(h.funding(limited)).unwrap(), Some(Funding { remaining: 180, total: 300, version: 1 }));
+
+    // A top-up and an edit of the remaining quota each raise the version; an edit that keeps the
+    // quota does not.
+    block(h.topup_user(alice.id, 500, 2)).unwrap();
+    assert_eq!(block(h.funding(user)).unwrap(), Some(Funding { remaining: 1_380, total: 1_500, version: 2 }));
+    let mut edit = block(h.get_user(alice.id)).unwrap().unwrap();
+    edit.display_name = "A".into();
+    block(h.update_user(edit.clone())).unwrap();
+    assert_eq!(block(h.funding(user)).unwrap().map(|f| f.version), Some(2));
+    edit.quota = 100;
+    block(h.update_user(edit)).unwrap();
+    assert_eq!(block(h.funding(user)).unwrap(), Some(Funding { remaining: 100, total: 220, version: 3 }));
+
+    let mut k = block(h.get_token(key.id)).unwrap().unwrap();
+    k.remain_quota = 1_000;
+    block(h.update_token(k.clone())).unwrap();
+    assert_eq!(
+        block(h.funding(limited)).unwrap(),
+        Some(Funding { remaining: 1_000, total: 1_120, version: 2 })
+    );
+    // A key with unlimited quota has no balance of its own; unknown accounts have none either.
+    k.unlimited_quota = true;
+    block(h.update_token(k)).unwrap();
+    assert_eq!(block(h.funding(limited)).unwrap(), None);
+    assert_eq!(block(h.funding(Account::User(999_999))).unwrap(), None);
+    t.shutdown().unwrap();
 }
