@@ -5,6 +5,8 @@
 //! method; the embedded ledger: one critical section on its own thread), and makes it durable before it
 //! answers. A backend never blocks a worker: workers send [`LedgerCall`]s and await replies.
 
+use serde::{Deserialize, Serialize};
+
 use crate::lease::ids::{Account, CallId, InstanceId, Millis};
 use crate::model::Quota;
 use crate::ratelimit::{RateGrant, RateKey};
@@ -53,10 +55,30 @@ pub enum Reclaim {
 /// database raises with every change of `total` (top-up, redemption, an operator's edit). Versions make
 /// funding idempotent and order-insensitive: the ledger applies a funding only if it is newer than the
 /// one it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Funding {
     pub remaining: Quota,
     pub total: Quota,
+    pub version: i64,
+}
+
+/// Everything the ledger knows about one account, as [`Ledger::audit`] reads it in one atomic step: the
+/// account's fields and `held`, the sum of every holder's row for it. For an account the ledger never
+/// saw, every field is zero (`opened` false).
+///
+/// Conservation at the ledger: `Σ fundings applied = balance + held + reported`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AccountAudit {
+    /// Spendable; negative only through debts given back.
+    pub balance: Quota,
+    /// Settled spend reported so far (cumulative).
+    pub reported: Quota,
+    /// `Σ rows` of the account: what all holders hold.
+    pub held: Quota,
+    /// Whether [`Ledger::open`] set the balance from the durable record.
+    pub opened: bool,
+    /// The funding total the balance reflects, and its version (see [`Funding`]).
+    pub funded: Quota,
     pub version: i64,
 }
 
@@ -98,6 +120,10 @@ pub trait Ledger {
 
     /// The spendable balance (0 for an account never funded).
     fn balance(&mut self, account: Account) -> Result<Quota, LedgerError>;
+
+    /// Reads an account and the sum of its rows together (read-only): for reconciliation, operators and
+    /// tests that hold a backend to the reference.
+    fn audit(&mut self, account: Account) -> Result<AccountAudit, LedgerError>;
 
     /// Takes up to `want` units of a rate limit's sliding window (`limit` per `window` ms) at `now`;
     /// see [`crate::ratelimit`]. Rate windows are soft state: a restarted ledger may forget them.

@@ -21,5 +21,5 @@ pub mod model;
 pub use account::{LeaseAccount, LeasePolicy, NeedRefill, PreDeduction, ReplyEffect, Settlement, SpendRate};
 pub use book::{LeaseBook, NotAdmitted};
 pub use ids::{Account, CallId, HolderId, InstanceId, Millis};
-pub use ledger::{CallOp, CallReply, Funding, Ledger, LedgerCall, LedgerError, Reclaim};
+pub use ledger::{AccountAudit, CallOp, CallReply, Funding, Ledger, LedgerCall, LedgerError, Reclaim};
 pub use model::{LedgerOp, ModelLedger};

@@ -9,13 +9,15 @@
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::lease::ids::{Account, CallId, HolderId, InstanceId, Millis};
-use crate::lease::ledger::{Funding, Ledger, LedgerError, Reclaim};
+use crate::lease::ledger::{AccountAudit, Funding, Ledger, LedgerError, Reclaim};
 use crate::model::Quota;
 use crate::ratelimit::{RateGrant, RateKey, RateWindow};
 
 /// An account as the ledger sees it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountRow {
     /// Spendable; negative only through debts given back.
     pub balance: Quota,
@@ -29,7 +31,7 @@ pub struct AccountRow {
 }
 
 /// One holder's journal entry for one account.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Row {
     /// Funds the holder holds (leased, reserved or spent but not yet reported).
     pub amount: Quota,
@@ -40,24 +42,30 @@ pub struct Row {
 }
 
 /// An instance as the ledger sees it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRow {
     pub beat: Millis,
     pub fenced: bool,
 }
 
 /// Everything the ledger persists.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Serialized with every map as a sequence of `[key, value]` pairs (the keys are not strings, which
+/// formats such as JSON require of map keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerState {
+    #[serde(with = "pairs")]
     pub accounts: BTreeMap<Account, AccountRow>,
+    #[serde(with = "pairs")]
     pub rows: BTreeMap<(HolderId, Account), Row>,
+    #[serde(with = "pairs")]
     pub instances: BTreeMap<InstanceId, InstanceRow>,
     /// Changes only when the ledger loses its state ([`ModelLedger::wipe`]).
     pub generation: u64,
 }
 
 /// A call that changed the state, as appended to the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LedgerOp {
     Take { call: CallId, want: Quota, floor: Quota },
     GiveBack { call: CallId, amount: Quota },
@@ -66,6 +74,29 @@ pub enum LedgerOp {
     Reclaim { instance: InstanceId, now: Millis, ttl: Millis },
     Open { account: Account, funding: Funding },
     Fund { account: Account, funding: Funding },
+}
+
+/// (De)serializes a map as a sequence of `(key, value)` pairs, for maps whose keys are not strings.
+mod pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &BTreeMap<K, V>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(deserializer: D) -> Result<BTreeMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Ord,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(deserializer)?.into_iter().collect())
+    }
 }
 
 /// Whether a row call is new or a repeat of the row's last call.
@@ -322,6 +353,19 @@ impl ModelLedger {
         self.state.instances.get(&instance).copied()
     }
 
+    /// The account's fields and the sum of its rows (all zero for an account never seen).
+    pub fn audit_of(&self, account: Account) -> AccountAudit {
+        let a = self.account(account);
+        AccountAudit {
+            balance: a.balance,
+            reported: a.reported,
+            held: self.state.held(account),
+            opened: a.opened,
+            funded: a.funded,
+            version: a.version,
+        }
+    }
+
     fn record(&mut self, op: LedgerOp) {
         self.log.push(op);
         if self.log.len() >= self.snapshot_every {
@@ -388,6 +432,10 @@ impl Ledger for ModelLedger {
 
     fn balance(&mut self, account: Account) -> Result<Quota, LedgerError> {
         Ok(self.account(account).balance)
+    }
+
+    fn audit(&mut self, account: Account) -> Result<AccountAudit, LedgerError> {
+        Ok(self.audit_of(account))
     }
 
     fn rate_take(
@@ -609,6 +657,35 @@ mod tests {
                 prop_assert!(conserved(&l, funds));
             }
         }
+    }
+
+    #[test]
+    fn audit_sums_the_rows_of_the_account() {
+        let mut l = funded(1000);
+        l.heartbeat(InstanceId(2), 0).unwrap();
+        l.take(call(1, 1), 300, 0).unwrap();
+        l.take(call(2, 2), 200, 0).unwrap();
+        l.report_spend(call(2, 3), 50).unwrap();
+        let a = l.audit(USER).unwrap();
+        assert_eq!(
+            a,
+            AccountAudit { balance: 500, reported: 50, held: 450, opened: true, funded: 1000, version: 1 }
+        );
+        assert_eq!(l.audit(Account::Key(7)).unwrap(), AccountAudit::default());
+    }
+
+    #[test]
+    fn the_persisted_state_round_trips_through_json() {
+        let mut l = funded(1000);
+        l.take(call(1, 1), 300, 0).unwrap();
+        l.fund(Account::Key(3), funding(40, 2)).unwrap();
+        l.reclaim(InstanceId(1), 10, 5).unwrap();
+        let json = serde_json::to_string(l.state()).unwrap();
+        let back: LedgerState = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, l.state());
+        let op = LedgerOp::Take { call: call(1, 2), want: 5, floor: 1 };
+        let back: LedgerOp = serde_json::from_str(&serde_json::to_string(&op).unwrap()).unwrap();
+        assert_eq!(back, op);
     }
 
     #[test]
