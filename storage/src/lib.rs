@@ -13,6 +13,7 @@
 
 mod db;
 mod error;
+pub mod ledger;
 mod repo;
 mod spill;
 mod writer;
