@@ -17,6 +17,8 @@ pub enum ErrorKind {
     ModelNotAllowed,
     IpNotAllowed,
     InsufficientUserQuota,
+    /// The model has neither a ratio nor a fixed price (and unpriced models are not free).
+    ModelPriceNotConfigured,
     RateLimited {
         retry_after_secs: u32,
     },
@@ -63,7 +65,8 @@ impl ErrorKind {
             | ErrorKind::TokenQuotaExhausted
             | ErrorKind::ModelNotAllowed
             | ErrorKind::IpNotAllowed
-            | ErrorKind::InsufficientUserQuota => 403,
+            | ErrorKind::InsufficientUserQuota
+            | ErrorKind::ModelPriceNotConfigured => 403,
             ErrorKind::RateLimited { .. } => 429,
             ErrorKind::ModelNotAvailable | ErrorKind::Unavailable => 503,
             ErrorKind::InvalidRequest | ErrorKind::ContentFiltered => 400,
@@ -89,6 +92,7 @@ impl ErrorKind {
             ErrorKind::ModelNotAllowed => "model_not_allowed",
             ErrorKind::IpNotAllowed => "ip_not_allowed",
             ErrorKind::InsufficientUserQuota => "insufficient_user_quota",
+            ErrorKind::ModelPriceNotConfigured => "model_price_not_configured",
             ErrorKind::RateLimited { .. } => "rate_limit_exceeded",
             ErrorKind::ModelNotAvailable => "model_not_available",
             ErrorKind::InvalidRequest => "invalid_request",

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 
+use burncloud_core::lease::{Account, Funding};
 use burncloud_core::model::{
     Channel, ChannelType, Quota, STATUS_DISABLED, STATUS_ENABLED, Token, User, split_list,
 };
@@ -86,6 +87,8 @@ async fn dispatch(worker: &Worker, req: &Request) -> ApiResult {
         ("GET", ["user", id]) => get_user(worker, parse_id(id)?).await,
         ("PUT", ["user", id]) => update_user(worker, parse_id(id)?, req).await,
         ("POST", ["user", id, "topup"]) => topup_user(worker, parse_id(id)?, req).await,
+        ("GET", ["user", id, "ledger"]) => ledger_audit(worker, Account::User(parse_id(id)?)).await,
+        ("GET", ["token", id, "ledger"]) => ledger_audit(worker, Account::Key(parse_id(id)?)).await,
         ("POST", ["token"]) => create_token(worker, req).await,
         ("GET", ["token", id]) => get_token(worker, parse_id(id)?).await,
         ("PUT", ["token", id]) => update_token(worker, parse_id(id)?, req).await,
@@ -545,6 +548,7 @@ async fn update_user(worker: &Worker, id: i64, req: &Request) -> ApiResult {
     input.apply(&mut u)?;
     let saved = worker.shared.storage.update_user(u).await?.ok_or_else(|| not_found("user"))?;
     worker.shared.bump_auth_epoch();
+    fund_user(worker, &saved).await;
     to_json(&saved)
 }
 
@@ -565,7 +569,50 @@ async fn topup_user(worker: &Worker, id: i64, req: &Request) -> ApiResult {
         .await?
         .ok_or_else(|| not_found("user"))?;
     worker.shared.bump_auth_epoch();
+    fund_user(worker, &u).await;
     to_json(&u)
+}
+
+/// What the balance ledger holds for a user or key right now: the spendable `balance`, the spend
+/// workers have `reported`, the leases `held` by workers of every instance (spend not yet reported
+/// included), whether the account was `opened` from the database, and the funding it reflects.
+async fn ledger_audit(worker: &Worker, account: Account) -> ApiResult {
+    let a = worker
+        .shared
+        .ledger
+        .audit(account)
+        .await
+        .map_err(|e| ApiError(503, format!("balance ledger: {e}")))?;
+    Ok(json!({
+        "balance": a.balance,
+        "reported": a.reported,
+        "held": a.held,
+        "opened": a.opened,
+        "funded": a.funded,
+        "version": a.version,
+    }))
+}
+
+/// Hands the user's funding, as just committed, to the balance ledger, so a top-up or an edit is
+/// spendable at once on every instance. When the ledger is unreachable the ledger thread keeps it and
+/// retries; the database already has it, so it is never lost.
+async fn fund_user(worker: &Worker, u: &User) {
+    let funding = Funding { remaining: u.quota, total: u.quota + u.used_quota, version: u.quota_version };
+    if let Err(e) = worker.shared.ledger.fund(Account::User(u.id), funding).await {
+        tracing::warn!(user = u.id, error = %e, "funding not yet applied at the ledger; it is retried");
+    }
+}
+
+/// As [`fund_user`], for a key with limited quota.
+async fn fund_token(worker: &Worker, t: &Token) {
+    if t.unlimited_quota {
+        return;
+    }
+    let funding =
+        Funding { remaining: t.remain_quota, total: t.remain_quota + t.used_quota, version: t.quota_version };
+    if let Err(e) = worker.shared.ledger.fund(Account::Key(t.id), funding).await {
+        tracing::warn!(token = t.id, error = %e, "funding not yet applied at the ledger; it is retried");
+    }
 }
 
 // ---------------------------------------------------------------- tokens
@@ -693,6 +740,7 @@ async fn update_token(worker: &Worker, id: i64, req: &Request) -> ApiResult {
     input.apply(&mut t)?;
     let saved = worker.shared.storage.update_token(t).await?.ok_or_else(|| not_found("token"))?;
     worker.shared.bump_auth_epoch();
+    fund_token(worker, &saved).await;
     to_json(&saved)
 }
 

@@ -39,6 +39,16 @@ pub struct Settings {
     pub log_flush_ms: u64,
     /// Where billing events go while the database is unreachable; replayed when it returns.
     pub spill_path: PathBuf,
+    /// The embedded balance ledger's snapshot (its log is next to it); used when no Redis is set.
+    pub ledger_path: PathBuf,
+    /// Prefix of every Redis key of the ledger, so several deployments can share one server.
+    pub redis_namespace: String,
+    /// An instance whose heartbeat is this old has its leases reclaimed by a sibling (or by itself
+    /// at its next start). Heartbeats go every tenth of it; admission stops after a third of it
+    /// without an acknowledged heartbeat.
+    pub lease_ttl: Duration,
+    /// Longest a request waits for a lease refill from the ledger before it is refused with 503.
+    pub ledger_wait: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -71,6 +81,10 @@ struct FileSettings {
     log_batch_size: Option<usize>,
     log_flush_ms: Option<u64>,
     spill_path: Option<PathBuf>,
+    ledger_path: Option<PathBuf>,
+    redis_namespace: Option<String>,
+    lease_ttl_ms: Option<u64>,
+    ledger_wait_ms: Option<u64>,
 }
 
 /// Environment variables read, with the file key each overrides.
@@ -92,6 +106,10 @@ const ENV_KEYS: &[(&str, &str)] = &[
     ("BURNCLOUD_LOG_BATCH_SIZE", "log_batch_size"),
     ("BURNCLOUD_LOG_FLUSH_MS", "log_flush_ms"),
     ("BURNCLOUD_SPILL_PATH", "spill_path"),
+    ("BURNCLOUD_LEDGER_PATH", "ledger_path"),
+    ("BURNCLOUD_REDIS_NAMESPACE", "redis_namespace"),
+    ("BURNCLOUD_LEASE_TTL_MS", "lease_ttl_ms"),
+    ("BURNCLOUD_LEDGER_WAIT_MS", "ledger_wait_ms"),
 ];
 
 impl Settings {
@@ -158,6 +176,21 @@ impl Settings {
         }
         let ms = |v: Option<u64>, d: u64| Duration::from_millis(v.unwrap_or(d));
         let spill_path = fs.spill_path.unwrap_or_else(|| default_spill_path(&database_url));
+        let ledger_path = fs.ledger_path.unwrap_or_else(|| default_ledger_path(&database_url));
+        let redis_namespace = fs.redis_namespace.unwrap_or_else(|| "burncloud".into());
+        if redis_namespace.is_empty()
+            || !redis_namespace.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(ConfigError(format!(
+                "BURNCLOUD_REDIS_NAMESPACE {redis_namespace:?} must be letters, digits, '-', '_', '.' or ':'"
+            )));
+        }
+        let lease_ttl_ms = fs.lease_ttl_ms.unwrap_or(30_000);
+        if !(1_000..=3_600_000).contains(&lease_ttl_ms) {
+            return Err(ConfigError(format!(
+                "BURNCLOUD_LEASE_TTL_MS must be between 1000 and 3600000, not {lease_ttl_ms}"
+            )));
+        }
         Ok(Settings {
             env,
             listen,
@@ -176,6 +209,10 @@ impl Settings {
             log_batch_size: fs.log_batch_size.unwrap_or(512).max(1),
             log_flush_ms: fs.log_flush_ms.unwrap_or(50),
             spill_path,
+            ledger_path,
+            redis_namespace,
+            lease_ttl: Duration::from_millis(lease_ttl_ms),
+            ledger_wait: ms(fs.ledger_wait_ms, 3_000),
         })
     }
 }
@@ -194,6 +231,19 @@ fn default_spill_path(database_url: &str) -> PathBuf {
     }
     let digest = burncloud_core::apikey::hash(database_url);
     PathBuf::from(format!("burncloud-spill-{}.jsonl", &digest[..12]))
+}
+
+/// Next to a SQLite file, else in the working directory under a name derived from the URL (as the
+/// spill file).
+fn default_ledger_path(database_url: &str) -> PathBuf {
+    let spill = default_spill_path(database_url);
+    let name = spill.to_string_lossy();
+    match name.strip_suffix(".spill.jsonl") {
+        Some(base) => PathBuf::from(format!("{base}.ledger.json")),
+        None => {
+            PathBuf::from(name.replace("burncloud-spill-", "burncloud-ledger-").replace(".jsonl", ".json"))
+        }
+    }
 }
 
 fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
@@ -224,6 +274,10 @@ fn apply_env(fs: &mut FileSettings, var: &str, v: &str) -> Result<(), ConfigErro
         "BURNCLOUD_LOG_BATCH_SIZE" => fs.log_batch_size = Some(num(v)? as usize),
         "BURNCLOUD_LOG_FLUSH_MS" => fs.log_flush_ms = Some(num(v)?),
         "BURNCLOUD_SPILL_PATH" => fs.spill_path = Some(PathBuf::from(v)),
+        "BURNCLOUD_LEDGER_PATH" => fs.ledger_path = Some(PathBuf::from(v)),
+        "BURNCLOUD_REDIS_NAMESPACE" => fs.redis_namespace = Some(v.into()),
+        "BURNCLOUD_LEASE_TTL_MS" => fs.lease_ttl_ms = Some(num(v)?),
+        "BURNCLOUD_LEDGER_WAIT_MS" => fs.ledger_wait_ms = Some(num(v)?),
         _ => {}
     }
     Ok(())
@@ -245,6 +299,8 @@ mod tests {
         assert_eq!(s.database_url, "sqlite://burncloud.db");
         assert!(s.redis_url.is_none());
         assert_eq!(s.spill_path, PathBuf::from("burncloud.db.spill.jsonl"));
+        assert_eq!(s.ledger_path, PathBuf::from("burncloud.db.ledger.json"));
+        assert_eq!(s.lease_ttl, Duration::from_secs(30));
     }
 
     #[test]
@@ -268,6 +324,8 @@ mod tests {
             ("BURNCLOUD_REDIS_URL", "http://x"),
             ("BURNCLOUD_ENV", "staging"),
             ("BURNCLOUD_NOPE", "1"),
+            ("BURNCLOUD_LEASE_TTL_MS", "5"),
+            ("BURNCLOUD_REDIS_NAMESPACE", "a b"),
         ] {
             let e = Settings::load(None, &env(&[(k, v)])).unwrap_err();
             assert!(e.0.contains(k), "{k}: {e}");

@@ -4,6 +4,7 @@
 //! client, the relay pipeline, the management API, the control thread and the `burncloud` binary.
 
 pub mod admin;
+pub mod billing;
 pub mod config;
 pub mod http;
 pub mod logging;

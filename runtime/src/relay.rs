@@ -3,16 +3,20 @@
 //! 1. [`authenticate`] the key (worker cache, then the storage thread);
 //! 2. [`decode`] only what routing and billing need from the body (and, for Gemini, the URL);
 //! 3. [`authorize`] the model and the client's address for this key;
-//! 4. [`route`] to a channel: priority tiers, weighted pick, never a channel twice;
-//! 5. [`forward`] over the worker's pooled upstream connection in the channel's protocol (converting
+//! 4. [`admit`]: price the model, estimate the prompt, take the key's rate permits and pre-deduct
+//!    from the worker's balance leases (user and key);
+//! 5. [`route`] to a channel: priority tiers, weighted pick, never a channel twice;
+//! 6. [`forward`] over the worker's pooled upstream connection in the channel's protocol (converting
 //!    the body when client and channel speak different protocols), failing over on retryable errors;
-//! 6. respond: [`respond_full`] or [`respond_stream`] (SSE converted and forwarded chunk by chunk,
+//! 7. respond: [`respond_full`] or [`respond_stream`] (SSE converted and forwarded chunk by chunk,
 //!    usage collected), always in the client's protocol;
-//! 7. [`settle`]: price the usage (counted locally with the model's tokenizer when the upstream
-//!    reported none, e.g. a cut stream) and hand one consume event to the storage thread.
+//! 8. [`settle`]: price the usage (counted locally with the model's tokenizer when the upstream
+//!    reported none, e.g. a cut stream), charge it against the pre-deduction (refunding the rest) and
+//!    hand one consume event to the storage thread. A request that fails refunds its pre-deduction.
 //!
 //! Never blocks and never waits on a database write: the only awaits are the client socket, the
-//! upstream socket and, on a key-cache miss, a storage read.
+//! upstream socket, on a key-cache miss a storage read, and when the worker's lease is short a
+//! refill from the ledger thread.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -23,10 +27,12 @@ use burncloud_adaptors::{openai, tokens};
 use burncloud_core::error::Protocol;
 use burncloud_core::filter::FilterSet;
 use burncloud_core::model::{self, Channel, ChannelType, LogEntry, STATUS_ENABLED};
+use burncloud_core::pricing::Price;
 use burncloud_core::{ErrorKind, GatewayError, apikey};
 use burncloud_storage::ConsumeEvent;
 use bytes::{Bytes, BytesMut};
 
+use crate::billing::Admission;
 use crate::http::{Request, Responder};
 use crate::state::{Caller, Worker, unix_now};
 use crate::upstream::{Origin, Proxy, Route, UpstreamError, UpstreamRequest, UpstreamResponse};
@@ -181,6 +187,7 @@ async fn relay_steps(
             format!("no channel serves model {} for group {group}", info.model),
         ));
     }
+    let mut billed = Some(admit(worker, &caller, endpoint, &info, &snapshot, &req.body).await?);
     let attempts = snapshot.retry_times + 1;
     let mut tried: Vec<i64> = Vec::with_capacity(attempts);
     let mut last_err = None;
@@ -208,7 +215,9 @@ async fn relay_steps(
                         let delivered = full_delivered(&full, endpoint.protocol());
                         let blocked = completion_blocked(&snapshot.filter, &full, endpoint.protocol());
                         let usage = measured_usage(endpoint, &info, &req.body, delivered);
-                        settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
+                        if let Some(billed) = billed.take() {
+                            settle(worker, ctx, &caller, &channel, &info, billed, usage, req);
+                        }
                         match blocked {
                             Some(err) => return Err(err),
                             None => respond_full(ctx, resp, full).await,
@@ -228,7 +237,9 @@ async fn relay_steps(
                         )
                         .await;
                         let usage = measured_usage(endpoint, &info, &req.body, delivered);
-                        settle(worker, ctx, &caller, &channel, &info, &snapshot, usage, req);
+                        if let Some(billed) = billed.take() {
+                            settle(worker, ctx, &caller, &channel, &info, billed, usage, req);
+                        }
                         if open {
                             let _ = resp.finish_stream().await;
                         }
@@ -799,7 +810,95 @@ fn stream_error_event(err: &GatewayError, client: Protocol) -> Vec<u8> {
     }
 }
 
-/// Step 7: price the usage and send the consume event to the storage thread (never awaited).
+/// What a request was admitted with: its price (`None`: free in self-use mode) and its
+/// pre-deductions and rate permits.
+pub struct Billed {
+    pub price: Option<Price>,
+    pub admission: Admission,
+}
+
+/// The prompt as estimated before forwarding, for the pre-deduction and TPM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub prompt_tokens: i64,
+    /// The completion the client allows (`max_tokens` and its protocol equivalents); `Some(0)` for
+    /// embeddings.
+    pub max_tokens: Option<i64>,
+}
+
+/// Step 4: the model's price (by the client-facing name), the prompt estimate, the key's rate
+/// permits and the pre-deduction from the worker's leases.
+pub async fn admit(
+    worker: &Worker,
+    caller: &Caller,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    snapshot: &crate::state::Snapshot,
+    body: &[u8],
+) -> Result<Billed, GatewayError> {
+    let group = effective_group(caller);
+    let price = match snapshot.prices.price(&info.model, group) {
+        Some(p) => Some(p),
+        None if snapshot.self_use_mode => None,
+        None => {
+            return Err(GatewayError::client(
+                ErrorKind::ModelPriceNotConfigured,
+                format!("model {} has no price: set it in ModelRatio or ModelPrice", info.model),
+            ));
+        }
+    };
+    let needs_tokens = matches!(price, Some(Price::Ratio { .. })) || caller.token.tpm > 0;
+    let estimate = if needs_tokens {
+        estimate_prompt(endpoint, info, body)
+    } else {
+        Estimate { prompt_tokens: 0, max_tokens: None }
+    };
+    let pre = price.map(|p| {
+        p.pre_deduction(estimate.prompt_tokens, estimate.max_tokens, snapshot.pre_deduct_max_tokens)
+    });
+    let admission = worker.billing.admit(caller, pre, estimate.prompt_tokens).await?;
+    Ok(Billed { price, admission })
+}
+
+/// The prompt's tokens (text, tool definitions, inline images) and the completion the client allows.
+pub fn estimate_prompt(endpoint: &Endpoint, info: &RequestInfo, body: &[u8]) -> Estimate {
+    let model = info.model.as_str();
+    match endpoint {
+        Endpoint::Chat(_) | Endpoint::Gemini { .. } => {
+            let protocol = endpoint.protocol();
+            let opts = RequestOptions { stream: Some(info.stream), ..RequestOptions::default() };
+            match burncloud_adaptors::convert::decode_request(protocol, body, &opts) {
+                Ok(request) => {
+                    let images: i64 = request
+                        .images()
+                        .filter_map(|image| burncloud_adaptors::vision::inline_image_tokens(protocol, image))
+                        .map(i64::from)
+                        .sum();
+                    Estimate {
+                        prompt_tokens: i64::from(tokens::count_chat_prompt(model, &request)) + images,
+                        max_tokens: request.max_tokens.map(i64::from),
+                    }
+                }
+                Err(_) => Estimate {
+                    prompt_tokens: i64::from(tokens::count_text(model, &String::from_utf8_lossy(body))),
+                    max_tokens: None,
+                },
+            }
+        }
+        Endpoint::Completions => Estimate {
+            prompt_tokens: legacy_prompt_tokens(model, body),
+            max_tokens: serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("max_tokens").and_then(serde_json::Value::as_i64)),
+        },
+        Endpoint::Embeddings => {
+            Estimate { prompt_tokens: legacy_prompt_tokens(model, body), max_tokens: Some(0) }
+        }
+    }
+}
+
+/// Step 8: price the usage, charge it against the pre-deduction and send the consume event to the
+/// storage thread (never awaited).
 #[allow(clippy::too_many_arguments)]
 pub fn settle(
     worker: &Worker,
@@ -807,17 +906,17 @@ pub fn settle(
     caller: &Caller,
     channel: &Channel,
     info: &RequestInfo,
-    snapshot: &crate::state::Snapshot,
+    billed: Billed,
     measured: Measured,
     req: &Request,
 ) {
     let usage = measured.usage;
     let group = effective_group(caller);
-    let quota = snapshot
-        .prices
-        .price(&info.model, group)
+    let quota = billed
+        .price
         .map(|p| p.quota_cached(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))
         .unwrap_or(0);
+    worker.billing.settle(billed.admission, quota, usage.prompt_tokens + usage.completion_tokens);
     let log = LogEntry {
         id: 0,
         created_at: unix_now(),

@@ -1,11 +1,13 @@
 //! Process assembly: storage, the control thread, the workers, and orderly shutdown.
 //!
-//! Start: settings → storage thread (migrations) → admin key → first snapshot → control thread →
-//! workers, started one by one, each binding its own SO_REUSEPORT listener (worker 0 first, so a port
-//! of 0 resolves to one real port all share) → "listening on ADDR" on stdout.
+//! Start: settings → storage thread (migrations) → admin key → first snapshot → ledger thread (first
+//! heartbeat) → control thread → workers, started one by one, each binding its own SO_REUSEPORT
+//! listener (worker 0 first, so a port of 0 resolves to one real port all share) → "listening on ADDR"
+//! on stdout.
 //! Stop (SIGTERM/SIGINT): every worker stops accepting, lets in-flight requests finish (bounded by
-//! the drain timeout), closes idle connections; then the storage queue is flushed and the process
-//! exits 0. No billing event queued before the stop is lost.
+//! the drain timeout), closes idle connections, reports its settled spend and returns its leases;
+//! then the instance is retired at the ledger (every lease back to the balances), the storage queue
+//! is flushed and the process exits 0. No billing event queued before the stop is lost.
 
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -48,6 +50,7 @@ pub struct Server {
     workers: Vec<(JoinHandle<()>, oneshot::Sender<()>)>,
     storage_thread: burncloud_storage::StorageThread,
     control_thread: JoinHandle<()>,
+    ledger_thread: crate::billing::ledger::LedgerThread,
 }
 
 impl Server {
@@ -68,6 +71,11 @@ impl Server {
         let data = futures_lite::future::block_on(storage.load_config())
             .map_err(|e| StartError(format!("cannot read configuration from the database: {e}")))?;
         let tls = tls::client_config(settings.upstream_ca_file.as_deref()).map_err(StartError)?;
+        let backend = crate::billing::open_backend(&settings).map_err(StartError)?;
+        let timing = crate::billing::ledger::LedgerTiming::from_ttl(settings.lease_ttl);
+        let (ledger, ledger_thread) =
+            crate::billing::ledger::start(backend, storage.clone(), timing, Instant::now())
+                .map_err(StartError)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             settings,
@@ -78,6 +86,7 @@ impl Server {
             shutdown: Arc::new(AtomicBool::new(false)),
             control: control_tx,
             tls,
+            ledger,
         });
         let control_thread = spawn_control(shared.clone(), control_rx)?;
         let mut addr = shared.settings.listen;
@@ -100,7 +109,7 @@ impl Server {
             workers.push((handle, stop_tx));
         }
         tracing::info!(%addr, workers = workers.len(), backend = rt::backend_name(), "gateway ready");
-        Ok(Server { addr, shared, workers, storage_thread, control_thread })
+        Ok(Server { addr, shared, workers, storage_thread, control_thread, ledger_thread })
     }
 
     /// Stops accepting, drains, flushes storage and joins every thread.
@@ -114,6 +123,8 @@ impl Server {
         for h in handles {
             let _ = h.join();
         }
+        // Failing to retire is logged by the ledger thread; the reaper covers it after the TTL.
+        let _ = self.ledger_thread.shutdown();
         drop(self.shared);
         let _ = self.control_thread.join();
         self.storage_thread.shutdown().map_err(|e| StartError(format!("flushing storage at shutdown: {e}")))
@@ -166,6 +177,9 @@ fn spawn_control(
         .map_err(|e| StartError(format!("cannot start the control thread: {e}")))
 }
 
+/// Longest a worker waits at shutdown for the ledger to take its reports and returns.
+const LEASE_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 fn run_worker(
     index: usize,
     shared: Arc<Shared>,
@@ -202,6 +216,7 @@ fn run_worker(
         if index == 0 {
             rt::spawn(crate::probe::run_periodic(worker.clone(), signal.clone()));
         }
+        rt::spawn(worker.billing.leases.clone().run());
         accept_loop(&worker, &listener, &limits, &signal, stop).await;
         drop(listener);
         signal.trigger();
@@ -216,6 +231,7 @@ fn run_worker(
                 "drain timeout: closing connections"
             );
         }
+        worker.billing.leases.drain(LEASE_DRAIN_LIMIT).await;
     });
     if let Err(e) = result {
         tracing::error!(worker = index, error = %e, "worker could not start its executor");

@@ -43,6 +43,11 @@ pub mod option_keys {
     pub const AUTO_DISABLE_STATUS_CODES: &str = "AutomaticDisableStatusCodes";
     /// Error-message keywords that disable a channel (one per line or a JSON array).
     pub const AUTO_DISABLE_KEYWORDS: &str = "AutomaticDisableKeywords";
+    /// `true`: models without a ratio or price are free (New API's self-use mode); `false` (default):
+    /// they are refused with 403 `model_price_not_configured`.
+    pub const SELF_USE_MODE: &str = "SelfUseModeEnabled";
+    /// Completion tokens the pre-deduction assumes when a request sets no `max_tokens` (default 1024).
+    pub const PRE_DEDUCT_MAX_TOKENS: &str = "PreDeductMaxTokens";
 }
 
 /// The configuration every request is served under; immutable once published.
@@ -60,6 +65,10 @@ pub struct Snapshot {
     pub cooldown: CooldownPolicy,
     /// Upstream answers that disable a channel; `None` when auto-disable is off.
     pub disable_rules: Option<AutoDisableRules>,
+    /// Unpriced models are free instead of refused.
+    pub self_use_mode: bool,
+    /// Completion tokens a pre-deduction assumes when the request sets no `max_tokens`.
+    pub pre_deduct_max_tokens: i64,
 }
 
 impl Snapshot {
@@ -91,6 +100,13 @@ impl Snapshot {
             tracing::error!(error = %e, "auto-disable rules are invalid; using the defaults");
             Some(AutoDisableRules::default())
         });
+        let self_use_mode = data.options.get(option_keys::SELF_USE_MODE).is_some_and(|v| v.trim() == "true");
+        let pre_deduct_max_tokens = data
+            .options
+            .get(option_keys::PRE_DEDUCT_MAX_TOKENS)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .unwrap_or(DEFAULT_PRE_DEDUCT_MAX_TOKENS);
         let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
         Snapshot {
             channels,
@@ -101,9 +117,14 @@ impl Snapshot {
             filter,
             cooldown: CooldownPolicy::default(),
             disable_rules,
+            self_use_mode,
+            pre_deduct_max_tokens,
         }
     }
 }
+
+/// Completion tokens a pre-deduction assumes for a request without `max_tokens`.
+pub const DEFAULT_PRE_DEDUCT_MAX_TOKENS: i64 = 1024;
 
 /// The content filter configured by the `SensitiveWords` and `SensitiveRegexes` options.
 pub fn filter_from(
@@ -150,6 +171,8 @@ pub struct Shared {
     pub shutdown: Arc<AtomicBool>,
     pub control: crossbeam_channel::Sender<ControlMsg>,
     pub tls: Arc<rustls::ClientConfig>,
+    /// The ledger thread: lease calls, rate permits, fundings.
+    pub ledger: crate::billing::ledger::LedgerHandle,
 }
 
 impl Shared {
@@ -199,11 +222,19 @@ pub struct Worker {
     /// This worker's view of each channel's health (cooldowns, half-open probes).
     health: RefCell<HashMap<i64, ChannelHealth>>,
     started: Instant,
+    /// This worker's balance leases and rate-limit shares.
+    pub billing: crate::billing::Billing,
 }
 
 impl Worker {
     pub fn new(index: usize, shared: Arc<Shared>, client: Client) -> Worker {
+        let billing = crate::billing::Billing::new(
+            u32::try_from(index).unwrap_or(u32::MAX),
+            &shared.ledger,
+            &shared.settings,
+        );
         Worker {
+            billing,
             index,
             shared,
             client,

@@ -323,6 +323,7 @@ fn psql(base_url: &str, sql: &str) {
 pub struct GatewayOptions {
     env: Vec<(String, String)>,
     database: Option<Arc<TestDatabase>>,
+    pricing_required: bool,
 }
 
 impl GatewayOptions {
@@ -333,6 +334,14 @@ impl GatewayOptions {
     /// Sets one environment variable of the gateway (overrides the harness defaults).
     pub fn env(mut self, key: &str, value: impl ToString) -> GatewayOptions {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Keeps the product default for models without a price (refused with 403
+    /// `model_price_not_configured`). Without it the harness turns on `SelfUseModeEnabled` on a fresh
+    /// database, so tests of other behaviour can use made-up model names; billing tests set ratios.
+    pub fn pricing_required(mut self) -> GatewayOptions {
+        self.pricing_required = true;
         self
     }
 
@@ -354,6 +363,7 @@ pub struct Gateway {
 impl Gateway {
     /// Starts the gateway with two workers, the test admin key, quiet logs and a fresh database.
     pub fn start(opts: GatewayOptions) -> Gateway {
+        let fresh = opts.database.is_none();
         let database = opts.database.clone().unwrap_or_else(TestDatabase::new);
         let cwd = TempDir::new("bc-it-gw-");
         let mut cmd = Command::new(gateway_bin());
@@ -374,7 +384,11 @@ impl Gateway {
         }
         let process = Process::spawn("gateway", cmd);
         let addr = process.addr;
-        Gateway { process, addr, database, _cwd: cwd }
+        let gw = Gateway { process, addr, database, _cwd: cwd };
+        if fresh && !opts.pricing_required {
+            gw.put_option("SelfUseModeEnabled", "true");
+        }
+        gw
     }
 
     /// The database this gateway runs on, to start another gateway on it.
