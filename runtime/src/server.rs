@@ -77,6 +77,8 @@ impl Server {
             crate::billing::ledger::start(backend, storage.clone(), timing, Instant::now())
                 .map_err(StartError)?;
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
+        let (pumps, mut inboxes): (Vec<_>, Vec<_>) =
+            (0..settings.workers).map(|_| crate::billing::leases::pump_channel()).unzip();
         let shared = Arc::new(Shared {
             settings,
             storage: storage.clone(),
@@ -87,17 +89,18 @@ impl Server {
             control: control_tx,
             tls,
             ledger,
+            pumps: Arc::new(pumps),
         });
         let control_thread = spawn_control(shared.clone(), control_rx)?;
         let mut addr = shared.settings.listen;
         let mut workers = Vec::new();
-        for index in 0..shared.settings.workers {
+        for (index, inbox) in inboxes.drain(..).enumerate() {
             let (bound_tx, bound_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel();
             let shared_w = shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("burncloud-worker-{index}"))
-                .spawn(move || run_worker(index, shared_w, addr, bound_tx, stop_rx))
+                .spawn(move || run_worker(index, shared_w, addr, bound_tx, stop_rx, inbox))
                 .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
             match bound_rx.recv() {
                 Ok(Ok(a)) => addr = a,
@@ -186,6 +189,7 @@ fn run_worker(
     addr: SocketAddr,
     bound: std::sync::mpsc::Sender<std::io::Result<SocketAddr>>,
     stop: oneshot::Receiver<()>,
+    pump: crate::billing::leases::PumpInbox,
 ) {
     let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1);
     let cpu = shared.settings.pin_workers.then_some(index % cores);
@@ -210,8 +214,12 @@ fn run_worker(
         };
         let limits = Rc::new(Limits { max_body: settings.max_body_bytes, ..Limits::default() });
         let drain = settings.drain_timeout;
-        let worker =
-            Rc::new(Worker::new(index, shared.clone(), Client::new(client_settings, shared.tls.clone())));
+        let worker = Rc::new(Worker::new(
+            index,
+            shared.clone(),
+            Client::new(client_settings, shared.tls.clone()),
+            pump,
+        ));
         let signal = ShutdownSignal::new();
         if index == 0 {
             rt::spawn(crate::probe::run_periodic(worker.clone(), signal.clone()));

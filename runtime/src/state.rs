@@ -173,6 +173,8 @@ pub struct Shared {
     pub tls: Arc<rustls::ClientConfig>,
     /// The ledger thread: lease calls, rate permits, fundings.
     pub ledger: crate::billing::ledger::LedgerHandle,
+    /// Every worker's lease pump inbox, by worker index.
+    pub pumps: Arc<Vec<crate::billing::leases::PumpSender>>,
 }
 
 impl Shared {
@@ -227,11 +229,19 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(index: usize, shared: Arc<Shared>, client: Client) -> Worker {
+    pub fn new(
+        index: usize,
+        shared: Arc<Shared>,
+        client: Client,
+        pump: crate::billing::leases::PumpInbox,
+    ) -> Worker {
+        let worker = u32::try_from(index).unwrap_or(u32::MAX);
         let billing = crate::billing::Billing::new(
-            u32::try_from(index).unwrap_or(u32::MAX),
+            worker,
             &shared.ledger,
             &shared.settings,
+            shared.pumps.clone(),
+            pump,
         );
         Worker {
             billing,

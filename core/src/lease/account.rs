@@ -157,6 +157,8 @@ pub struct LeaseAccount {
     fence_pending: bool,
     /// Largest pre-deduction waiting for a refill (0: none).
     wanted: Quota,
+    /// Another holder could not be funded: give `available` back at the next call, idle or not.
+    recalled: bool,
     rate: SpendRate,
     last_active: Millis,
     last_report: Millis,
@@ -173,6 +175,7 @@ impl LeaseAccount {
             in_flight: None,
             fence_pending: false,
             wanted: 0,
+            recalled: false,
             rate: SpendRate { decayed: 0.0, at: now },
             last_active: now,
             last_report: now,
@@ -340,6 +343,9 @@ impl LeaseAccount {
         if self.unreported > 0 && report_due {
             return Some(CallOp::ReportSpend { amount: self.unreported });
         }
+        if std::mem::take(&mut self.recalled) && self.available > 0 {
+            return Some(CallOp::GiveBack { amount: self.available });
+        }
         let idle = self.idle_return(policy, now);
         if idle != 0 {
             return Some(CallOp::GiveBack { amount: idle });
@@ -398,6 +404,13 @@ impl LeaseAccount {
         } else if self.holder.is_some() {
             self.orphan(None);
         }
+    }
+
+    /// Another holder of the account was refused a refill: the funds this lease holds beyond the
+    /// requests in flight go back to the balance with the next call (after a report that is due), so
+    /// they can fund it. A debt is not given back by a recall.
+    pub fn recall(&mut self) {
+        self.recalled = true;
     }
 
     /// Whether the account waits for a new holder (after a fence).
@@ -519,6 +532,21 @@ mod tests {
         pump(&mut a, &mut l, 0);
         pump(&mut a, &mut l, policy().idle_after);
         assert_eq!((a.available(), l.account(USER).balance), (0, 1_000));
+    }
+
+    #[test]
+    fn a_recalled_lease_gives_back_what_it_holds_beyond_requests_in_flight() {
+        let mut l = ledger(1_000);
+        let mut a = LeaseAccount::new(holder(1), USER, 0);
+        a.pre_deduct(100, 0).unwrap_err();
+        pump(&mut a, &mut l, 0);
+        let _in_flight = a.pre_deduct(100, 0).unwrap();
+        let held = a.available();
+        assert!(held > 0);
+        a.recall();
+        pump(&mut a, &mut l, 1);
+        assert_eq!((a.available(), a.reserved()), (0, 100));
+        assert_eq!(l.account(USER).balance, 1_000 - 100);
     }
 
     #[test]

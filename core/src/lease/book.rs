@@ -104,6 +104,14 @@ impl LeaseBook {
         self.lease(pre.account(), now).refund(pre);
     }
 
+    /// Another holder of `account` was refused a refill: this worker gives back what it holds of it
+    /// beyond its requests in flight (see [`LeaseAccount::recall`]).
+    pub fn recall(&mut self, account: Account) {
+        if let Some(lease) = self.accounts.get_mut(&account) {
+            lease.recall();
+        }
+    }
+
     /// Every ledger call that is due now (at most one per account).
     pub fn next_calls(&mut self, now: Millis) -> Vec<LedgerCall> {
         let (policy, seq) = (self.policy, &mut self.seq);

@@ -44,6 +44,28 @@ pub enum Refusal {
     Unavailable,
 }
 
+/// A message to a worker's pump, from its own requests or from sibling workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PumpMsg {
+    /// Something is due: look now rather than at the next tick.
+    Kick,
+    /// A sibling was refused a refill of this account: give back what this worker holds of it.
+    Recall(Account),
+}
+
+/// The sending side of a worker's pump inbox (cheap to clone, usable from any thread).
+pub type PumpSender = mpsc::UnboundedSender<PumpMsg>;
+/// A worker's pump inbox.
+pub type PumpInbox = mpsc::UnboundedReceiver<PumpMsg>;
+
+/// A new pump inbox.
+pub fn pump_channel() -> (PumpSender, PumpInbox) {
+    mpsc::unbounded()
+}
+
+/// How long a refused request waits for its siblings' recalled leases before asking again.
+const RECALL_WAIT: Duration = Duration::from_millis(40);
+
 /// What a waiting request learns when the pump hears from the ledger about its account.
 #[derive(Debug, Clone, Copy)]
 enum Wake {
@@ -64,18 +86,25 @@ pub struct Leases {
     /// Calls sent and not answered yet.
     awaiting: RefCell<HashSet<CallId>>,
     resend_at: Cell<Millis>,
-    kick: mpsc::UnboundedSender<()>,
-    kicks: RefCell<Option<mpsc::UnboundedReceiver<()>>>,
+    /// Every worker's pump inbox, this one's at index `worker`.
+    pumps: std::sync::Arc<Vec<PumpSender>>,
+    inbox: RefCell<Option<PumpInbox>>,
     stopped: Cell<bool>,
     /// Longest a request waits for a refill or a confirmed heartbeat.
     wait: Duration,
 }
 
 impl Leases {
-    pub fn new(worker: u32, ledger: LedgerHandle, policy: LeasePolicy, wait: Duration) -> Rc<Leases> {
+    pub fn new(
+        worker: u32,
+        ledger: LedgerHandle,
+        policy: LeasePolicy,
+        wait: Duration,
+        pumps: std::sync::Arc<Vec<PumpSender>>,
+        inbox: PumpInbox,
+    ) -> Rc<Leases> {
         let incarnation = ledger.status.incarnation();
         let holder = HolderId { instance: incarnation.instance, worker };
-        let (kick, kicks) = mpsc::unbounded();
         Rc::new(Leases {
             worker,
             ledger,
@@ -84,8 +113,8 @@ impl Leases {
             waiters: RefCell::default(),
             awaiting: RefCell::default(),
             resend_at: Cell::new(0),
-            kick,
-            kicks: RefCell::new(Some(kicks)),
+            pumps,
+            inbox: RefCell::new(Some(inbox)),
             stopped: Cell::new(false),
             wait,
         })
@@ -96,7 +125,20 @@ impl Leases {
     }
 
     fn kick(&self) {
-        let _ = self.kick.unbounded_send(());
+        if let Some(own) = self.pumps.get(self.worker as usize) {
+            let _ = own.unbounded_send(PumpMsg::Kick);
+        }
+    }
+
+    /// Asks every sibling worker to give back what it holds of `account`. Whether there was any.
+    fn recall_siblings(&self, account: Account) -> bool {
+        let mut any = false;
+        for (i, pump) in self.pumps.iter().enumerate() {
+            if i != self.worker as usize {
+                any |= pump.unbounded_send(PumpMsg::Recall(account)).is_ok();
+            }
+        }
+        any
     }
 
     /// Follows the instance's incarnation and heartbeat acknowledgements into the book.
@@ -129,6 +171,7 @@ impl Leases {
     /// after a refill from the ledger (waiting at most the configured time).
     pub async fn pre_deduct(&self, account: Account, amount: Quota) -> Result<PreDeduction, Refusal> {
         let deadline = std::time::Instant::now() + self.wait;
+        let mut recalled = false;
         loop {
             self.sync();
             let attempt = self.book.borrow_mut().pre_deduct(account, amount, self.now());
@@ -145,7 +188,12 @@ impl Leases {
                     match rt::timeout(left, rx).await {
                         Err(_) => return Err(Refusal::Unavailable),
                         Ok(Ok(Wake::Granted { granted: 0, floor })) if need.shortfall >= floor => {
-                            return Err(Refusal::Insufficient);
+                            // Siblings may hold what the balance lacks: once, ask them to give it back.
+                            if recalled || !self.recall_siblings(account) {
+                                return Err(Refusal::Insufficient);
+                            }
+                            recalled = true;
+                            rt::sleep(RECALL_WAIT.min(left)).await;
                         }
                         Ok(_) => {}
                     }
@@ -190,15 +238,24 @@ impl Leases {
 
     /// The pump: runs until [`Leases::drain`] stops it.
     pub async fn run(self: Rc<Self>) {
-        let Some(mut kicks) = self.kicks.borrow_mut().take() else { return };
+        let Some(mut inbox) = self.inbox.borrow_mut().take() else { return };
         while !self.stopped.get() {
-            {
-                use futures_util::future::select;
-                let next = kicks.next();
+            let first = {
+                use futures_util::future::{Either, select};
+                let next = inbox.next();
                 let tick = std::pin::pin!(rt::sleep(PUMP_TICK));
-                let _ = select(next, tick).await;
+                match select(next, tick).await {
+                    Either::Left((msg, _)) => msg,
+                    Either::Right(_) => None,
+                }
+            };
+            let mut msg = first;
+            while let Some(m) = msg {
+                if let PumpMsg::Recall(account) = m {
+                    self.book.borrow_mut().recall(account);
+                }
+                msg = inbox.try_recv().ok();
             }
-            while kicks.try_recv().is_ok() {}
             if self.stopped.get() {
                 break;
             }

@@ -22,7 +22,7 @@ use burncloud_core::model::Quota;
 use burncloud_core::ratelimit::{RateKey, RateKind, SharePolicy};
 use burncloud_core::{ErrorKind, GatewayError};
 
-use crate::billing::leases::{Hold, Leases, Refusal};
+use crate::billing::leases::{Hold, Leases, PumpInbox, PumpSender, Refusal};
 use crate::billing::ledger::{Backend, LedgerHandle};
 use crate::billing::limits::{Limited, RateLimits};
 use crate::config::Settings;
@@ -68,10 +68,16 @@ pub struct Admission {
 }
 
 impl Billing {
-    pub fn new(worker: u32, ledger: &LedgerHandle, settings: &Settings) -> Billing {
+    pub fn new(
+        worker: u32,
+        ledger: &LedgerHandle,
+        settings: &Settings,
+        pumps: std::sync::Arc<Vec<PumpSender>>,
+        inbox: PumpInbox,
+    ) -> Billing {
         let policy = lease_policy(settings.lease_ttl);
         Billing {
-            leases: Leases::new(worker, ledger.clone(), policy, settings.ledger_wait),
+            leases: Leases::new(worker, ledger.clone(), policy, settings.ledger_wait, pumps, inbox),
             limits: RateLimits::new(ledger.clone(), SharePolicy::default()),
         }
     }
