@@ -234,10 +234,12 @@ impl LedgerState {
     }
 
     fn fund(&mut self, account: Account, funding: Funding) -> bool {
-        let acct = self.accounts.entry(account).or_default();
-        if funding.version <= acct.version {
+        // A funding not newer than the account's is not applied and not logged, so it must not leave
+        // a (default) account behind either: a restart from the log would not recreate it.
+        if funding.version <= self.accounts.get(&account).map_or(0, |a| a.version) {
             return false;
         }
+        let acct = self.accounts.entry(account).or_default();
         if acct.opened {
             acct.balance += funding.total - acct.funded;
         }
@@ -562,6 +564,14 @@ mod tests {
         assert_eq!(l.take(call(1, 1), 10, 0), Err(LedgerError::UnknownAccount));
         l.open(USER, Funding { remaining: 70, total: 100, version: 4 }).unwrap();
         assert_eq!(l.take(call(1, 1), 10, 0), Ok(10));
+    }
+
+    #[test]
+    fn a_funding_not_applied_leaves_no_trace() {
+        let mut l = ModelLedger::new(4);
+        l.fund(USER, funding(100, 0)).unwrap();
+        l.fund(USER, funding(100, -1)).unwrap();
+        assert_eq!(l.state(), &ModelLedger::new(4).state().clone());
     }
 
     #[test]

@@ -36,7 +36,7 @@
 //! | `P live` | set | `<instance>` of every registered, not fenced instance (for `stale_instances`) |
 //! | `P inst_rows:<instance>` | set | `<worker>:<acct>` of every row of the instance (for `reclaim`) |
 //! | `P row:<instance>:<worker>:<acct>` | hash | `amount`, `last_seq`, `last_grant` |
-//! | `P rate:<token>:<rpm\|tpm>` | hash | `index`, `current`, `previous` (a `RateWindow`); expires 2 windows after its last take |
+//! | `P rate:<token>:<rpm\|tpm>` | hash | `index`, `current`, `previous` (a `RateWindow`); expires 2 windows (≥ 1 s) after its last take |
 //!
 //! Missing hashes and fields read as zero, exactly like `ModelLedger`'s default rows. A row is created
 //! (and indexed in both sets) by the first call applied on it; an account hash by `open`, `fund` or a row

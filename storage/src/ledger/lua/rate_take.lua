@@ -1,6 +1,6 @@
 -- rate_take(key, want, limit, window) -> {granted, retry_after_ms}: RateWindow::take line by line, at
--- the server's clock. Soft state: the key expires two windows after its last take, when the window it
--- holds can no longer count. KEYS: 1 rate key. ARGV: 1 want, 2 limit, 3 window (ms).
+-- the server's clock. Soft state: the key expires two windows (at least a second) after its last take,
+-- when what it holds can no longer count. KEYS: 1 rate key. ARGV: 1 want, 2 limit, 3 window (ms).
 local now = now_ms() -- @clock
 local want = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -28,7 +28,7 @@ local free = math.max(limit - used, 0)
 local granted = clamp(want, 0, free)
 current = current + granted
 redis.call('HSET', KEYS[1], 'index', str(index), 'current', str(current), 'previous', str(previous))
-redis.call('PEXPIRE', KEYS[1], str(math.min(2 * window, 1099511627776)))
+redis.call('PEXPIRE', KEYS[1], str(clamp(2 * window, 1000, 1099511627776)))
 if granted >= want then
   return {granted, 0}
 end
