@@ -20,6 +20,7 @@ use arc_swap::ArcSwap;
 use burncloud_core::apikey;
 use burncloud_core::error::Protocol;
 use burncloud_core::{ErrorKind, GatewayError};
+use burncloud_storage::announce::{self, Change, Publisher};
 use burncloud_storage::{StorageConfig, StorageHandle};
 use bytes::Bytes;
 use futures_channel::oneshot;
@@ -51,6 +52,8 @@ pub struct Server {
     storage_thread: burncloud_storage::StorageThread,
     control_thread: JoinHandle<()>,
     ledger_thread: crate::billing::ledger::LedgerThread,
+    /// Other instances' change announcements (Redis only); stopped at shutdown.
+    listener: Option<announce::Listener>,
 }
 
 impl Server {
@@ -91,7 +94,8 @@ impl Server {
             ledger,
             pumps: Arc::new(pumps),
         });
-        let control_thread = spawn_control(shared.clone(), control_rx)?;
+        let (publisher, listener) = announcements(&shared.settings, &shared.control)?;
+        let control_thread = spawn_control(shared.clone(), control_rx, publisher)?;
         let mut addr = shared.settings.listen;
         let mut workers = Vec::new();
         for (index, inbox) in inboxes.drain(..).enumerate() {
@@ -112,7 +116,7 @@ impl Server {
             workers.push((handle, stop_tx));
         }
         tracing::info!(%addr, workers = workers.len(), backend = rt::backend_name(), "gateway ready");
-        Ok(Server { addr, shared, workers, storage_thread, control_thread, ledger_thread })
+        Ok(Server { addr, shared, workers, storage_thread, control_thread, ledger_thread, listener })
     }
 
     /// Stops accepting, drains, flushes storage and joins every thread.
@@ -126,6 +130,7 @@ impl Server {
         for h in handles {
             let _ = h.join();
         }
+        drop(self.listener);
         // Failing to retire is logged by the ledger thread; the reaper covers it after the TTL.
         let _ = self.ledger_thread.shutdown();
         drop(self.shared);
@@ -154,30 +159,89 @@ fn admin_key_hash(
     Ok(hash)
 }
 
-/// The control thread: rebuilds and publishes the snapshot on request, coalescing bursts.
+/// The control thread: rebuilds and publishes the snapshot on request (coalescing bursts), and
+/// exchanges change announcements with the other instances when Redis is configured.
 fn spawn_control(
     shared: Arc<Shared>,
     rx: crossbeam_channel::Receiver<ControlMsg>,
+    mut publisher: Option<Publisher>,
 ) -> Result<JoinHandle<()>, StartError> {
     let weak = Arc::downgrade(&shared);
     drop(shared);
     std::thread::Builder::new()
         .name("burncloud-control".into())
         .spawn(move || {
+            let mut announce = |change: Change| {
+                if let Some(p) = publisher.as_mut()
+                    && let Err(e) = p.publish(change)
+                {
+                    tracing::warn!(error = %e, "cannot announce a change to the other instances");
+                }
+            };
             while let Ok(first) = rx.recv() {
-                let mut waiting = vec![first];
-                waiting.extend(rx.try_iter());
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
                 let Some(shared) = weak.upgrade() else { break };
-                let result = futures_lite::future::block_on(shared.storage.load_config())
-                    .map(|data| shared.snapshot.store(Arc::new(Snapshot::build(data))))
-                    .map_err(|e| e.to_string());
+                let mut replies = Vec::new();
+                let (mut reload, mut local_reload, mut local_keys) = (false, false, false);
+                for msg in batch {
+                    match msg {
+                        ControlMsg::Reload(reply) => {
+                            replies.push(reply);
+                            reload = true;
+                            local_reload = true;
+                        }
+                        ControlMsg::RemoteReload => reload = true,
+                        ControlMsg::AnnounceKeys => local_keys = true,
+                        ControlMsg::RemoteKeys => {
+                            shared.auth_epoch.fetch_add(1, Ordering::AcqRel);
+                        }
+                    }
+                }
+                if reload {
+                    let result = futures_lite::future::block_on(shared.storage.load_config())
+                        .map(|data| shared.snapshot.store(Arc::new(Snapshot::build(data))))
+                        .map_err(|e| e.to_string());
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "cannot rebuild the configuration snapshot");
+                    }
+                    for reply in replies {
+                        let _ = reply.send(result.clone());
+                    }
+                    if local_reload {
+                        announce(Change::Config);
+                    }
+                }
                 drop(shared);
-                for ControlMsg::Reload(reply) in waiting {
-                    let _ = reply.send(result.clone());
+                if local_keys {
+                    announce(Change::Keys);
                 }
             }
         })
         .map_err(|e| StartError(format!("cannot start the control thread: {e}")))
+}
+
+/// Change announcements through Redis: a publisher for the control thread and a listener that feeds
+/// other instances' changes to it. `None` without Redis (a single instance needs neither).
+fn announcements(
+    settings: &Settings,
+    control: &crossbeam_channel::Sender<ControlMsg>,
+) -> Result<(Option<Publisher>, Option<announce::Listener>), StartError> {
+    let Some(url) = &settings.redis_url else { return Ok((None, None)) };
+    let nonce = format!("{:016x}", crate::billing::ledger::new_instance_id().0);
+    let ns = &settings.redis_namespace;
+    let publisher =
+        Publisher::new(url, ns, &nonce).map_err(|e| StartError(format!("BURNCLOUD_REDIS_URL: {e}")))?;
+    let tx = control.clone();
+    let listener = announce::listen(url, ns, &nonce, move |change| {
+        let msg = match change {
+            Change::Config => ControlMsg::RemoteReload,
+            Change::Keys => ControlMsg::RemoteKeys,
+        };
+        let _ = tx.send(msg);
+    })
+    .map_err(|e| StartError(format!("BURNCLOUD_REDIS_URL: {e}")))?;
+    Ok((Some(publisher), Some(listener)))
 }
 
 /// Longest a worker waits at shutdown for the ledger to take its reports and returns.

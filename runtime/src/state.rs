@@ -156,8 +156,15 @@ pub fn disable_rules_from(
 
 /// A request to the control thread.
 pub enum ControlMsg {
-    /// Rebuild the snapshot from the database; reply once it is published.
+    /// Rebuild the snapshot from the database; reply once it is published (then tell the other
+    /// instances).
     Reload(futures_channel::oneshot::Sender<Result<(), String>>),
+    /// Another instance changed the configuration: rebuild the snapshot (nothing to announce).
+    RemoteReload,
+    /// Keys or users changed here: tell the other instances.
+    AnnounceKeys,
+    /// Keys or users changed at another instance: drop the key caches.
+    RemoteKeys,
 }
 
 /// State shared by all workers of the process.
@@ -185,8 +192,10 @@ impl Shared {
         rx.await.map_err(|_| "control thread is gone".to_string())?
     }
 
+    /// Drops every worker's key cache, here and (through the control thread) at every instance.
     pub fn bump_auth_epoch(&self) {
         self.auth_epoch.fetch_add(1, Ordering::AcqRel);
+        let _ = self.control.send(ControlMsg::AnnounceKeys);
     }
 
     pub fn shutting_down(&self) -> bool {

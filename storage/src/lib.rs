@@ -11,6 +11,7 @@
 //! event it has received (failed batches are kept, spilled to a local file and retried), never uses
 //! tokio, and never holds a lock shared with workers.
 
+pub mod announce;
 mod db;
 mod error;
 pub mod ledger;

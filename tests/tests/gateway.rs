@@ -843,6 +843,56 @@ fn channels_users_and_keys_survive_a_restart_on_the_same_database() {
     assert_eq!(gw.log_page("type=2").1, 2, "the log written before the restart is gone");
 }
 
+/// Polls `f` until it is true or `limit` passes; whether it became true.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        pause(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_change_at_one_instance_reaches_another_sharing_redis_at_once() {
+    let redis = std::env::var("BURNCLOUD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let namespace = burncloud_tests::harness::unique_name("reload-");
+    let opts = || {
+        GatewayOptions::new().env("BURNCLOUD_REDIS_URL", &redis).env("BURNCLOUD_REDIS_NAMESPACE", &namespace)
+    };
+    let s = setup_with(opts());
+    // One worker, so the key cached by its first request is the cache the change must reach.
+    let b = Gateway::start(opts().env("BURNCLOUD_WORKERS", 1).database(&s.gw.database()));
+    assert_eq!(b.chat(&s.key.key, &chat_body("gpt-x")).status, 200);
+
+    // A key disabled at one instance is refused by the other, although the other has it cached.
+    s.gw.api("PUT", &format!("/api/token/{}", s.key.id), Some(&json!({"status": 2})));
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || b.chat(&s.key.key, &chat_body("gpt-x")).status == 403),
+        "the other instance still serves a disabled key"
+    );
+    let key_latency = started.elapsed();
+    s.gw.api("PUT", &format!("/api/token/{}", s.key.id), Some(&json!({"status": 1})));
+
+    // A channel created at one instance is routed to by the other.
+    s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "fresh-model"}));
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(2), || b.chat(&s.key.key, &chat_body("fresh-model")).status == 200),
+        "the other instance never routed to the new channel: {}",
+        b.chat(&s.key.key, &chat_body("fresh-model")).text()
+    );
+    eprintln!(
+        "announced across instances: key change {key_latency:?}, channel change {:?}",
+        started.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------- official SDK
 
 fn python() -> std::path::PathBuf {
