@@ -8,7 +8,7 @@
 
 use burncloud_adaptors::convert::decode_request;
 use burncloud_adaptors::{Protocol, RequestOptions, convert_request, summarize_request, upstream_path};
-use burncloud_fuzz::{name, protocol_pair};
+use burncloud_fuzz::{name, protocol_pair, skip_known_bugs};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -31,6 +31,17 @@ fuzz_target!(|data: &[u8]| {
 
     let json: Value = match serde_json::from_slice(&out.body) {
         Ok(v) => v,
+        // KNOWN BUG (artifacts-found/request_convert/gemini-passthrough-invalid-utf8): the
+        // Gemini-to-Gemini pass-through checks the body with `IgnoredAny`, which skips strings without
+        // validating their UTF-8, so a body such as `"\xff"` is accepted and forwarded although it is
+        // not JSON.
+        Err(_)
+            if skip_known_bugs()
+                && (from, to) == (Protocol::Gemini, Protocol::Gemini)
+                && std::str::from_utf8(body).is_err() =>
+        {
+            return;
+        }
         Err(e) => panic!("{from:?}->{to:?} produced a body that is not JSON ({e}): {:?}", out.body),
     };
     assert_eq!(out.path, upstream_path(to, model, out.stream), "path and stream flag disagree");

