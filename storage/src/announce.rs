@@ -48,6 +48,12 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause between reconnection attempts while Redis is unreachable.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
+/// Waits before the next connection attempt. The listener has a thread of its own, never an executor's.
+#[allow(clippy::disallowed_methods)]
+fn reconnect_pause() {
+    std::thread::sleep(RECONNECT_PAUSE);
+}
+
 /// The pub/sub channel of a namespace (same hash tag as the ledger's keys).
 fn channel(namespace: &str) -> String {
     format!("{{bc:{namespace}}}:changes")
@@ -152,7 +158,7 @@ pub fn listen(
                             tracing::warn!(error = %e, "cannot subscribe to change announcements; retrying");
                             outage_logged = true;
                         }
-                        std::thread::sleep(RECONNECT_PAUSE);
+                        reconnect_pause();
                         continue;
                     }
                 };
@@ -161,7 +167,7 @@ pub fn listen(
                     pubsub.set_read_timeout(Some(TIMEOUT)).and_then(|()| pubsub.subscribe(&channel))
                 {
                     tracing::warn!(error = %e, "cannot subscribe to change announcements; retrying");
-                    std::thread::sleep(RECONNECT_PAUSE);
+                    reconnect_pause();
                     continue;
                 }
                 if outage_logged {
