@@ -169,6 +169,12 @@ impl ChannelHealth {
         Admission::Probe
     }
 
+    /// The view a worker shares when the channel recovered on it at `now_ms`: healthy since then.
+    /// [`ChannelHealth::merge`]d into another worker's view, it ends a cooldown that began before.
+    pub fn recovered_at(now_ms: u64) -> ChannelHealth {
+        ChannelHealth { cooldown: None, recovered_ms: now_ms, failures: FailureWindow::default() }
+    }
+
     /// Reports a successful request. Ends a cooldown that is over (half-open → healthy).
     pub fn record_success(&mut self, now_ms: u64) -> Option<Transition> {
         match self.cooldown {
@@ -575,6 +581,20 @@ mod tests {
         let policy = CooldownPolicy { failure_threshold: 0, ..P };
         let mut h = ChannelHealth::default();
         assert!(h.record_failure(&policy, 0).is_some());
+    }
+
+    #[test]
+    fn a_recovery_shared_by_another_worker_ends_an_older_cooldown_only() {
+        let p = CooldownPolicy::default();
+        let mut old = tripped();
+        old.merge(&ChannelHealth::recovered_at(10_000_000), &p, 10_000_000);
+        assert_eq!(old.state(&p, 10_000_000), HealthState::Healthy);
+        let mut fresh = ChannelHealth::default();
+        for t in 0..p.failure_threshold {
+            fresh.record_failure(&p, 20_000_000 + u64::from(t));
+        }
+        fresh.merge(&ChannelHealth::recovered_at(10_000_000), &p, 20_000_010);
+        assert!(!fresh.is_available(&p, 20_000_010), "a cooldown newer than the recovery stays");
     }
 
     #[test]

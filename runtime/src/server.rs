@@ -82,6 +82,8 @@ impl Server {
         let (control_tx, control_rx) = crossbeam_channel::unbounded();
         let (pumps, mut inboxes): (Vec<_>, Vec<_>) =
             (0..settings.workers).map(|_| crate::billing::leases::pump_channel()).unzip();
+        let (health_peers, mut health_inboxes): (Vec<_>, Vec<_>) =
+            (0..settings.workers).map(|_| futures_channel::mpsc::unbounded()).unzip();
         let shared = Arc::new(Shared {
             settings,
             storage: storage.clone(),
@@ -93,18 +95,19 @@ impl Server {
             tls,
             ledger,
             pumps: Arc::new(pumps),
+            health_peers: Arc::new(health_peers),
         });
         let (publisher, listener) = announcements(&shared.settings, &shared.control)?;
         let control_thread = spawn_control(shared.clone(), control_rx, publisher)?;
         let mut addr = shared.settings.listen;
         let mut workers = Vec::new();
-        for (index, inbox) in inboxes.drain(..).enumerate() {
+        for (index, (inbox, health)) in inboxes.drain(..).zip(health_inboxes.drain(..)).enumerate() {
             let (bound_tx, bound_rx) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = oneshot::channel();
             let shared_w = shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("burncloud-worker-{index}"))
-                .spawn(move || run_worker(index, shared_w, addr, bound_tx, stop_rx, inbox))
+                .spawn(move || run_worker(index, shared_w, addr, bound_tx, stop_rx, inbox, health))
                 .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
             match bound_rx.recv() {
                 Ok(Ok(a)) => addr = a,
@@ -254,6 +257,7 @@ fn run_worker(
     bound: std::sync::mpsc::Sender<std::io::Result<SocketAddr>>,
     stop: oneshot::Receiver<()>,
     pump: crate::billing::leases::PumpInbox,
+    health: crate::state::HealthInbox,
 ) {
     let cores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1).max(1);
     let cpu = shared.settings.pin_workers.then_some(index % cores);
@@ -289,6 +293,7 @@ fn run_worker(
             rt::spawn(crate::probe::run_periodic(worker.clone(), signal.clone()));
         }
         rt::spawn(worker.billing.leases.clone().run());
+        rt::spawn(worker.clone().follow_siblings_health(health));
         accept_loop(&worker, &listener, &limits, &signal, stop).await;
         drop(listener);
         signal.trigger();

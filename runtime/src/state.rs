@@ -182,7 +182,21 @@ pub struct Shared {
     pub ledger: crate::billing::ledger::LedgerHandle,
     /// Every worker's lease pump inbox, by worker index.
     pub pumps: Arc<Vec<crate::billing::leases::PumpSender>>,
+    /// Every worker's channel-health inbox, by worker index.
+    pub health_peers: Arc<Vec<HealthSender>>,
 }
+
+/// What a worker tells its siblings about a channel, so a failing channel cools down on every worker
+/// after the threshold counted across all of them, and a recovery seen by one ends older cooldowns on
+/// all. Times are on the process clock every worker shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthMsg {
+    Failure { channel: i64, at_ms: u64 },
+    Recovered { channel: i64, at_ms: u64 },
+}
+
+pub type HealthSender = futures_channel::mpsc::UnboundedSender<HealthMsg>;
+pub type HealthInbox = futures_channel::mpsc::UnboundedReceiver<HealthMsg>;
 
 impl Shared {
     /// Asks the control thread to rebuild and publish the snapshot, and waits until it is live.
@@ -232,7 +246,6 @@ pub struct Worker {
     pub connections: Cell<usize>,
     /// This worker's view of each channel's health (cooldowns, half-open probes).
     health: RefCell<HashMap<i64, ChannelHealth>>,
-    started: Instant,
     /// This worker's balance leases and rate-limit shares.
     pub billing: crate::billing::Billing,
 }
@@ -263,12 +276,12 @@ impl Worker {
             request_counter: Cell::new(0),
             connections: Cell::new(0),
             health: RefCell::default(),
-            started: Instant::now(),
         }
     }
 
+    /// Milliseconds on the process clock (shared by every worker, so health times can be exchanged).
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.shared.ledger.status.now_ms()).unwrap_or(0)
     }
 
     /// Whether this worker may send a request to the channel now (healthy, or its half-open probe).
@@ -278,14 +291,51 @@ impl Worker {
         !matches!(health.entry(id).or_default().admit(policy, now), Admission::Denied { .. })
     }
 
-    /// Records the outcome of an attempt on a channel.
+    /// Records the outcome of an attempt on a channel, and tells the sibling workers of a failure or a
+    /// recovery.
     pub fn record_channel_outcome(&self, id: i64, ok: bool, policy: &CooldownPolicy) {
         let now = self.now_ms();
-        let mut health = self.health.borrow_mut();
-        let entry = health.entry(id).or_default();
-        let change = if ok { entry.record_success(now) } else { entry.record_failure(policy, now) };
+        let change = {
+            let mut health = self.health.borrow_mut();
+            let entry = health.entry(id).or_default();
+            if ok { entry.record_success(now) } else { entry.record_failure(policy, now) }
+        };
         if let Some(change) = change {
             tracing::info!(worker = self.index, channel = id, ?change, "channel health changed");
+        }
+        let msg = match (ok, change) {
+            (false, _) => HealthMsg::Failure { channel: id, at_ms: now },
+            (true, Some(burncloud_core::health::Transition::Recovered)) => {
+                HealthMsg::Recovered { channel: id, at_ms: now }
+            }
+            (true, _) => return,
+        };
+        for (i, peer) in self.shared.health_peers.iter().enumerate() {
+            if i != self.index {
+                let _ = peer.unbounded_send(msg);
+            }
+        }
+    }
+
+    /// Applies what sibling workers report about channels, until the inbox closes.
+    pub async fn follow_siblings_health(self: std::rc::Rc<Self>, mut inbox: HealthInbox) {
+        use futures_util::StreamExt;
+        while let Some(msg) = inbox.next().await {
+            let policy = self.shared.snapshot.load().cooldown;
+            let mut health = self.health.borrow_mut();
+            match msg {
+                HealthMsg::Failure { channel, at_ms } => {
+                    health.entry(channel).or_default().record_failure(&policy, at_ms.max(self.now_ms()));
+                }
+                HealthMsg::Recovered { channel, at_ms } => {
+                    let now = self.now_ms();
+                    health.entry(channel).or_default().merge(
+                        &ChannelHealth::recovered_at(at_ms),
+                        &policy,
+                        now,
+                    );
+                }
+            }
         }
     }
 

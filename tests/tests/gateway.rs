@@ -1384,9 +1384,10 @@ fn a_failing_channel_cools_down_and_is_skipped_while_cooling() {
         }
     }
     assert_eq!(served_by_b, 20);
-    // Three failures per worker cool the channel down on that worker (two workers at most).
+    // Three failures, counted across the workers, cool the channel down on every worker (a request
+    // may race the siblings' news by one).
     let tries = failing.requests().len();
-    assert!((3..=6).contains(&tries), "the failing channel was tried {tries} times in 20 requests");
+    assert!((3..=4).contains(&tries), "the failing channel was tried {tries} times in 20 requests");
 }
 
 // ---------------------------------------------------------------- tags
