@@ -286,6 +286,12 @@ enum Op {
     Repeat {
         k: usize,
     },
+    /// Sends a take under the id of the `k`-th last row call (which the protocol never does, but the
+    /// ledger must answer like the model: from the row's last grant).
+    Reuse {
+        k: usize,
+        want: Quota,
+    },
     ZeroSeq {
         h: usize,
         a: usize,
@@ -337,6 +343,7 @@ fn op(with_rate: bool) -> impl Strategy<Value = Op> {
         3 => (h.clone(), a.clone(), prop_oneof![6 => 0i64..1_500, 1 => -10i64..0], 0u64..3)
             .prop_map(|(h, a, amount, skip)| Op::Report { h, a, amount, skip }),
         3 => (0usize..6).prop_map(|k| Op::Repeat { k }),
+        1 => (0usize..6, 0i64..500).prop_map(|(k, want)| Op::Reuse { k, want }),
         1 => (h.clone(), a.clone()).prop_map(|(h, a)| Op::ZeroSeq { h, a }),
         2 => (i.clone(), any::<bool>()).prop_map(|(i, now)| Op::Reclaim { i, now }),
         1 => any::<bool>().prop_map(|zero| Op::Stale { zero }),
@@ -432,6 +439,12 @@ fn differential<L: Backend>(mut make: impl FnMut() -> L, ops: &[Op]) -> Result<(
                 if !sent.is_empty() {
                     let (c, r) = sent[sent.len() - 1 - k % sent.len()];
                     row(&mut model, b, c, r)?;
+                }
+            }
+            Op::Reuse { k, want } => {
+                if !sent.is_empty() {
+                    let (c, _) = sent[sent.len() - 1 - k % sent.len()];
+                    row(&mut model, b, c, RowOp::Take(want, 0))?;
                 }
             }
             Op::ZeroSeq { h, a } => {
