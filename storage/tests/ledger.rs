@@ -166,12 +166,17 @@ impl Server {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // Ours, not another test's server that took the port meanwhile.
             if let Ok(client) = redis::Client::open(self.url().as_str())
                 && let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200))
-                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+                && let Ok((_, dir)) =
+                    redis::cmd("CONFIG").arg("GET").arg("dir").query::<(String, String)>(&mut c)
+                && Path::new(&dir) == self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone())
             {
                 return;
             }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            assert!(exited.is_none(), "redis-server on port {} exited: {exited:?}", self.port);
             assert!(Instant::now() < deadline, "redis-server on port {} did not start", self.port);
             pause(20);
         }
