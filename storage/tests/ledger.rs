@@ -232,10 +232,25 @@ fn redis_time_ms(url: &str) -> i64 {
     s * 1000 + us / 1000
 }
 
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(unique("bc_ledger"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A scratch directory, removed when dropped (also when a test fails).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = std::env::temp_dir().join(unique("bc_ledger"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 const USER: Account = Account::User(1);
@@ -544,10 +559,9 @@ proptest! {
     /// its files restores exactly the model's state, with snapshots rotating every few calls.
     #[test]
     fn embedded_ledger_matches_the_model_across_reopens(ops in proptest::collection::vec(op(true), 50..100)) {
-        let dir = scratch_dir();
+        let dir = Scratch::new();
         let path = dir.join("ledger.json");
         differential(|| EmbeddedLedger::open_with(&path, 3).unwrap(), &ops)?;
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -859,7 +873,7 @@ fn log_lines(path: &Path) -> usize {
 
 #[test]
 fn embedded_state_survives_drop_and_reopen_exactly() {
-    let dir = scratch_dir();
+    let dir = Scratch::new();
     let path = dir.join("ledger.json");
     let mut l = EmbeddedLedger::open(&path).unwrap();
     assert_eq!(l.heartbeat(InstanceId(1), 0), Ok(1), "a new ledger has generation 1");
@@ -877,12 +891,11 @@ fn embedded_state_survives_drop_and_reopen_exactly() {
     assert_eq!(l.audit(USER), model.audit(USER));
     // Repeats are answered from the restored rows.
     assert_eq!(l.take(call(2, 0, USER, 297), 100, 0), model.take(call(2, 0, USER, 297), 100, 0));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn embedded_ledger_rotates_its_snapshot() {
-    let dir = scratch_dir();
+    let dir = Scratch::new();
     let path = dir.join("ledger.json");
     let mut l = EmbeddedLedger::open_with(&path, 5).unwrap();
     embedded_workload(&mut l, 500);
@@ -895,12 +908,11 @@ fn embedded_ledger_rotates_its_snapshot() {
     let l = EmbeddedLedger::open_with(&path, 1_000).unwrap();
     assert_eq!(l.state(), &before);
     assert!(!dir.join("ledger.json.tmp").exists());
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn embedded_ledger_ignores_a_torn_log_tail() {
-    let dir = scratch_dir();
+    let dir = Scratch::new();
     let path = dir.join("ledger.json");
     let mut l = EmbeddedLedger::open_with(&path, 1_000).unwrap();
     embedded_workload(&mut l, 20);
@@ -920,12 +932,11 @@ fn embedded_ledger_ignores_a_torn_log_tail() {
     let after = l.state().clone();
     drop(l);
     assert_eq!(EmbeddedLedger::open_with(&path, 1_000).unwrap().state(), &after);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn embedded_ledger_refuses_unreadable_files_naming_them() {
-    let dir = scratch_dir();
+    let dir = Scratch::new();
     let path = dir.join("ledger.json");
     let mut l = EmbeddedLedger::open_with(&path, 1_000).unwrap();
     embedded_workload(&mut l, 10);
@@ -947,16 +958,14 @@ fn embedded_ledger_refuses_unreadable_files_naming_them() {
         Err(LedgerError::Unavailable(e)) => assert!(e.contains("ledger.json"), "{e}"),
         other => panic!("{other:?}"),
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn embedded_ledger_is_opened_by_one_owner_at_a_time() {
-    let dir = scratch_dir();
+    let dir = Scratch::new();
     let path = dir.join("ledger.json");
     let l = EmbeddedLedger::open(&path).unwrap();
     assert!(matches!(EmbeddedLedger::open(&path), Err(LedgerError::Unavailable(_))));
     drop(l);
     EmbeddedLedger::open(&path).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
 }
