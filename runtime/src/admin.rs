@@ -835,6 +835,16 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
                 .map(|_| ())
                 .map_err(|e| bad(format!("{key}: {e}")))
         }
+        option_keys::AUTO_GROUPS => crate::state::parse_auto_groups(value).map(|_| ()).map_err(bad),
+        option_keys::USER_USABLE_GROUPS => crate::state::parse_usable_groups(value).map(|_| ()).map_err(bad),
+        option_keys::SELF_USE_MODE => match value.trim() {
+            "true" | "false" => Ok(()),
+            _ => Err(bad("SelfUseModeEnabled must be true or false")),
+        },
+        option_keys::PRE_DEDUCT_MAX_TOKENS => match value.trim().parse::<u32>() {
+            Ok(_) => Ok(()),
+            Err(_) => Err(bad("PreDeductMaxTokens must be a non-negative integer")),
+        },
         "" => Err(bad("key is required")),
         _ => Ok(()),
     }

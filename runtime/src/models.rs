@@ -32,14 +32,12 @@ pub async fn list(worker: &Worker, req: Request, resp: &mut Responder<'_>) {
 
 async fn models_for(worker: &Worker, req: &Request) -> Result<Vec<String>, GatewayError> {
     let caller = relay::authenticate(worker, req).await?;
-    let group = relay::effective_group(&caller);
     let snapshot = worker.shared.snapshot.load();
     let allowed = &caller.token.models;
-    Ok(snapshot
-        .abilities
-        .models(group)
+    let models: std::collections::BTreeSet<&str> = relay::caller_groups(&caller, &snapshot)
         .into_iter()
+        .flat_map(|group| snapshot.abilities.models(group))
         .filter(|m| allowed.is_empty() || allowed.iter().any(|a| a == m))
-        .map(str::to_string)
-        .collect())
+        .collect();
+    Ok(models.into_iter().map(str::to_string).collect())
 }

@@ -177,22 +177,24 @@ async fn relay_steps(
 ) -> Result<(), GatewayError> {
     let caller = authenticate(worker, req).await?;
     let info = decode(endpoint, &req.body)?;
-    let group = effective_group(&caller);
     authorize(&caller, &info.model, req.peer.ip())?;
     let snapshot = worker.shared.snapshot.load_full();
     check_prompt(&snapshot.filter, endpoint, &info, &req.body)?;
-    if !snapshot.abilities.serves(group, &info.model) {
+    let groups = serving_groups(&caller, &snapshot, &info.model);
+    let Some(first_group) = groups.first().copied() else {
         return Err(GatewayError::client(
             ErrorKind::ModelNotAvailable,
-            format!("no channel serves model {} for group {group}", info.model),
+            format!("no channel serves model {} for group {}", info.model, effective_group(&caller)),
         ));
-    }
-    let mut billed = Some(admit(worker, &caller, endpoint, &info, &snapshot, &req.body).await?);
+    };
+    let mut billed = Some(admit(worker, &caller, first_group, endpoint, &info, &snapshot, &req.body).await?);
     let attempts = snapshot.retry_times + 1;
     let mut tried: Vec<i64> = Vec::with_capacity(attempts);
     let mut last_err = None;
     while tried.len() < attempts {
-        let Some(channel) = pick_healthy(worker, &snapshot, group, &info.model, &tried) else { break };
+        let Some((channel, group)) = pick_in_groups(worker, &snapshot, &groups, &info.model, &tried) else {
+            break;
+        };
         tried.push(channel.id);
         if !endpoint.served_by(channel.kind) {
             last_err = Some(GatewayError::upstream(
@@ -216,6 +218,7 @@ async fn relay_steps(
                         let blocked = completion_blocked(&snapshot.filter, &full, endpoint.protocol());
                         let usage = measured_usage(endpoint, &info, &req.body, delivered);
                         if let Some(billed) = billed.take() {
+                            let billed = billed.in_group(&snapshot, &info.model, group);
                             settle(worker, ctx, &caller, &channel, &info, billed, usage, req);
                         }
                         match blocked {
@@ -238,6 +241,7 @@ async fn relay_steps(
                         .await;
                         let usage = measured_usage(endpoint, &info, &req.body, delivered);
                         if let Some(billed) = billed.take() {
+                            let billed = billed.in_group(&snapshot, &info.model, group);
                             settle(worker, ctx, &caller, &channel, &info, billed, usage, req);
                         }
                         if open {
@@ -330,9 +334,62 @@ pub fn decode(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, GatewayEr
     Ok(RequestInfo { model: info.model, stream, include_usage: info.include_usage })
 }
 
-/// The group a caller's requests are routed and priced in: the key's, else the user's.
+/// The group a caller's requests are routed and priced in: the key's, else the user's. `auto` means
+/// the groups of the `AutoGroups` option, in order (see [`serving_groups`]).
 pub fn effective_group(caller: &Caller) -> &str {
     if caller.token.group.is_empty() { &caller.user.group } else { &caller.token.group }
+}
+
+/// The key group that walks the `AutoGroups` option.
+pub const AUTO_GROUP: &str = "auto";
+
+/// The groups a caller may be routed in, in the order to try them: the effective group alone, or for
+/// an `auto` key the `AutoGroups` the user may use (its own group, or one listed in
+/// `UserUsableGroups`).
+pub fn caller_groups<'a>(caller: &'a Caller, snapshot: &'a crate::state::Snapshot) -> Vec<&'a str> {
+    let group = effective_group(caller);
+    if group != AUTO_GROUP {
+        return vec![group];
+    }
+    snapshot
+        .auto_groups
+        .iter()
+        .map(String::as_str)
+        .filter(|g| *g == caller.user.group || snapshot.usable_groups.contains(*g))
+        .collect()
+}
+
+/// [`caller_groups`] that have a channel for `model`.
+pub fn serving_groups<'a>(
+    caller: &'a Caller,
+    snapshot: &'a crate::state::Snapshot,
+    model: &str,
+) -> Vec<&'a str> {
+    let mut groups = caller_groups(caller, snapshot);
+    groups.retain(|g| snapshot.abilities.serves(g, model));
+    groups
+}
+
+/// The next channel across `groups` in order: the first group with a healthy untried channel, else
+/// (every remaining one cooling down) the first untried channel at all, with the group it was found
+/// in.
+pub fn pick_in_groups<'a>(
+    worker: &Worker,
+    snapshot: &crate::state::Snapshot,
+    groups: &[&'a str],
+    model: &str,
+    tried: &[i64],
+) -> Option<(Arc<Channel>, &'a str)> {
+    for group in groups {
+        let mut passed_over = tried.to_vec();
+        while let Some(channel) = route(worker, snapshot, group, model, &passed_over) {
+            if worker.admit_channel(channel.id, &snapshot.cooldown) {
+                return Some((channel, group));
+            }
+            passed_over.push(channel.id);
+        }
+    }
+    groups.iter().find_map(|group| route(worker, snapshot, group, model, tried).map(|c| (c, *group)))
 }
 
 /// Step 3: the key's model allow-list and IP allow-list.
@@ -391,25 +448,6 @@ pub fn route(
 ) -> Option<Arc<Channel>> {
     let id = snapshot.abilities.pick(group, model, tried, &mut worker.rng.borrow_mut())?;
     snapshot.channels.get(&id).cloned()
-}
-
-/// Step 4 with health: the next channel this worker is not cooling down; when every remaining one is
-/// cooling down, the next one anyway (trying beats refusing).
-pub fn pick_healthy(
-    worker: &Worker,
-    snapshot: &crate::state::Snapshot,
-    group: &str,
-    model: &str,
-    tried: &[i64],
-) -> Option<Arc<Channel>> {
-    let mut passed_over = tried.to_vec();
-    while let Some(channel) = route(worker, snapshot, group, model, &passed_over) {
-        if worker.admit_channel(channel.id, &snapshot.cooldown) {
-            return Some(channel);
-        }
-        passed_over.push(channel.id);
-    }
-    route(worker, snapshot, group, model, tried)
 }
 
 /// What an attempt produced: a complete body already in the client's protocol, or a stream to convert
@@ -810,11 +848,24 @@ fn stream_error_event(err: &GatewayError, client: Protocol) -> Vec<u8> {
     }
 }
 
-/// What a request was admitted with: its price (`None`: free in self-use mode) and its
+/// What a request was admitted with: its group and price (`None`: free in self-use mode) and its
 /// pre-deductions and rate permits.
 pub struct Billed {
+    pub group: String,
     pub price: Option<Price>,
     pub admission: Admission,
+}
+
+impl Billed {
+    /// The same admission, priced in `group` (an `auto` key served in a later group than the one it
+    /// was admitted in pays that group's ratio; a difference to the pre-deduction settles as usual).
+    pub fn in_group(mut self, snapshot: &crate::state::Snapshot, model: &str, group: &str) -> Billed {
+        if group != self.group {
+            self.price = snapshot.prices.price(model, group);
+            self.group = group.to_string();
+        }
+        self
+    }
 }
 
 /// The prompt as estimated before forwarding, for the pre-deduction and TPM.
@@ -831,12 +882,12 @@ pub struct Estimate {
 pub async fn admit(
     worker: &Worker,
     caller: &Caller,
+    group: &str,
     endpoint: &Endpoint,
     info: &RequestInfo,
     snapshot: &crate::state::Snapshot,
     body: &[u8],
 ) -> Result<Billed, GatewayError> {
-    let group = effective_group(caller);
     let price = match snapshot.prices.price(&info.model, group) {
         Some(p) => Some(p),
         None if snapshot.self_use_mode => None,
@@ -857,7 +908,7 @@ pub async fn admit(
         p.pre_deduction(estimate.prompt_tokens, estimate.max_tokens, snapshot.pre_deduct_max_tokens)
     });
     let admission = worker.billing.admit(caller, pre, estimate.prompt_tokens).await?;
-    Ok(Billed { price, admission })
+    Ok(Billed { group: group.to_string(), price, admission })
 }
 
 /// The prompt's tokens (text, tool definitions, inline images) and the completion the client allows.
@@ -911,7 +962,7 @@ pub fn settle(
     req: &Request,
 ) {
     let usage = measured.usage;
-    let group = effective_group(caller);
+    let group = billed.group.as_str();
     let quota = billed
         .price
         .map(|p| p.quota_cached(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))

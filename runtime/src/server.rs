@@ -134,6 +134,7 @@ impl Server {
             let _ = h.join();
         }
         drop(self.listener);
+        let _ = self.shared.control.send(ControlMsg::Stop);
         // Failing to retire is logged by the ledger thread; the reaper covers it after the TTL.
         let _ = self.ledger_thread.shutdown();
         drop(self.shared);
@@ -186,7 +187,7 @@ fn spawn_control(
                 batch.extend(rx.try_iter());
                 let Some(shared) = weak.upgrade() else { break };
                 let mut replies = Vec::new();
-                let (mut reload, mut local_reload, mut local_keys) = (false, false, false);
+                let (mut reload, mut local_reload, mut local_keys, mut stop) = (false, false, false, false);
                 for msg in batch {
                     match msg {
                         ControlMsg::Reload(reply) => {
@@ -199,6 +200,7 @@ fn spawn_control(
                         ControlMsg::RemoteKeys => {
                             shared.auth_epoch.fetch_add(1, Ordering::AcqRel);
                         }
+                        ControlMsg::Stop => stop = true,
                     }
                 }
                 if reload {
@@ -218,6 +220,9 @@ fn spawn_control(
                 drop(shared);
                 if local_keys {
                     announce(Change::Keys);
+                }
+                if stop {
+                    break;
                 }
             }
         })
@@ -309,6 +314,10 @@ fn run_worker(
             );
         }
         worker.billing.leases.drain(LEASE_DRAIN_LIMIT).await;
+        // Every task holding the worker must end here: one left behind would keep the shared state
+        // (and the control thread) alive after the executor is gone.
+        worker.stop_following_siblings();
+        rt::sleep(Duration::from_millis(1)).await;
     });
     if let Err(e) = result {
         tracing::error!(worker = index, error = %e, "worker could not start its executor");

@@ -48,6 +48,11 @@ pub mod option_keys {
     pub const SELF_USE_MODE: &str = "SelfUseModeEnabled";
     /// Completion tokens the pre-deduction assumes when a request sets no `max_tokens` (default 1024).
     pub const PRE_DEDUCT_MAX_TOKENS: &str = "PreDeductMaxTokens";
+    /// The groups a key of group `auto` walks, in order: a JSON array (default `["default"]`).
+    pub const AUTO_GROUPS: &str = "AutoGroups";
+    /// Groups any user may use besides its own (through `auto`): a JSON object of group → description,
+    /// as New API (default: none).
+    pub const USER_USABLE_GROUPS: &str = "UserUsableGroups";
 }
 
 /// The configuration every request is served under; immutable once published.
@@ -69,6 +74,10 @@ pub struct Snapshot {
     pub self_use_mode: bool,
     /// Completion tokens a pre-deduction assumes when the request sets no `max_tokens`.
     pub pre_deduct_max_tokens: i64,
+    /// What an `auto` key walks, in order.
+    pub auto_groups: Vec<String>,
+    /// Groups every user may use besides its own.
+    pub usable_groups: std::collections::BTreeSet<String>,
 }
 
 impl Snapshot {
@@ -107,6 +116,20 @@ impl Snapshot {
             .and_then(|v| v.trim().parse::<i64>().ok())
             .filter(|n| *n >= 0)
             .unwrap_or(DEFAULT_PRE_DEDUCT_MAX_TOKENS);
+        let auto_groups = match data.options.get(option_keys::AUTO_GROUPS) {
+            Some(v) => parse_auto_groups(v).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "AutoGroups is invalid; using [\"default\"]");
+                vec!["default".to_string()]
+            }),
+            None => vec!["default".to_string()],
+        };
+        let usable_groups = match data.options.get(option_keys::USER_USABLE_GROUPS) {
+            Some(v) => parse_usable_groups(v).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "UserUsableGroups is invalid; no extra groups are usable");
+                Default::default()
+            }),
+            None => Default::default(),
+        };
         let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
         Snapshot {
             channels,
@@ -119,8 +142,27 @@ impl Snapshot {
             disable_rules,
             self_use_mode,
             pre_deduct_max_tokens,
+            auto_groups,
+            usable_groups,
         }
     }
+}
+
+/// `AutoGroups`: a JSON array of group names.
+pub fn parse_auto_groups(value: &str) -> Result<Vec<String>, String> {
+    let groups: Vec<String> = serde_json::from_str(value)
+        .map_err(|e| format!("AutoGroups must be a JSON array of group names: {e}"))?;
+    if groups.iter().any(|g| g.trim().is_empty() || g == "auto") {
+        return Err("AutoGroups must name real groups (not empty, not auto)".into());
+    }
+    Ok(groups)
+}
+
+/// `UserUsableGroups`: a JSON object whose keys are group names (values describe them).
+pub fn parse_usable_groups(value: &str) -> Result<std::collections::BTreeSet<String>, String> {
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_str(value)
+        .map_err(|e| format!("UserUsableGroups must be a JSON object of group → description: {e}"))?;
+    Ok(map.into_keys().collect())
 }
 
 /// Completion tokens a pre-deduction assumes for a request without `max_tokens`.
@@ -165,6 +207,8 @@ pub enum ControlMsg {
     AnnounceKeys,
     /// Keys or users changed at another instance: drop the key caches.
     RemoteKeys,
+    /// The process is stopping: end the control thread.
+    Stop,
 }
 
 /// State shared by all workers of the process.
@@ -191,8 +235,16 @@ pub struct Shared {
 /// all. Times are on the process clock every worker shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthMsg {
-    Failure { channel: i64, at_ms: u64 },
-    Recovered { channel: i64, at_ms: u64 },
+    Failure {
+        channel: i64,
+        at_ms: u64,
+    },
+    Recovered {
+        channel: i64,
+        at_ms: u64,
+    },
+    /// The worker is stopping: its listening task ends (it must not outlive the worker's executor).
+    Stop,
 }
 
 pub type HealthSender = futures_channel::mpsc::UnboundedSender<HealthMsg>;
@@ -335,7 +387,15 @@ impl Worker {
                         now,
                     );
                 }
+                HealthMsg::Stop => return,
             }
+        }
+    }
+
+    /// Ends [`Worker::follow_siblings_health`] (at shutdown).
+    pub fn stop_following_siblings(&self) {
+        if let Some(own) = self.shared.health_peers.get(self.index) {
+            let _ = own.unbounded_send(HealthMsg::Stop);
         }
     }
 

@@ -271,6 +271,42 @@ fn a_vip_user_key_reaches_a_vip_only_channel() {
 }
 
 #[test]
+fn an_auto_key_walks_the_auto_groups_in_order_and_pays_the_ratio_of_the_group_that_served() {
+    let s = setup();
+    let svip = Mock::start(&[]);
+    svip.behave(json!({"status": 503}));
+    let svip_channel =
+        s.gw.create_channel(json!({"base_url": svip.base_url(), "models": "auto-x", "group": "svip"}));
+    let vip_channel =
+        s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "auto-x", "group": "vip"}));
+    s.gw.put_option("AutoGroups", r#"["svip", "vip", "default"]"#);
+    s.gw.put_option("UserUsableGroups", r#"{"vip": "VIP", "svip": "super VIP"}"#);
+    s.gw.put_option("ModelRatio", r#"{"auto-x": 1, "gpt-x": 1}"#);
+    s.gw.put_option("GroupRatio", r#"{"svip": 3, "vip": 2}"#);
+    s.mock.behave(json!({"prompt_tokens": 10, "completion_tokens": 5}));
+    let auto_key = s.gw.create_token(s.user, json!({"group": "auto"}));
+
+    // svip comes first but fails; the request falls through to vip and pays vip's ratio.
+    let resp = s.gw.chat(&auto_key.key, &chat_body("auto-x"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert_eq!(log["channel_id"], vip_channel);
+    assert_eq!(log["quota"], 30, "(10 + 5) × ModelRatio 1 × GroupRatio 2: {log}");
+    assert_eq!(log["group"], "vip");
+    assert_eq!(svip.requests().len(), 1, "svip was tried first");
+    let _ = svip_channel;
+
+    // A model only the user's own group serves is found there; a group the user may not use is not.
+    let resp = s.gw.chat(&auto_key.key, &chat_body("gpt-x"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    s.gw.put_option("UserUsableGroups", "{}");
+    assert_error(&s.gw.chat(&auto_key.key, &chat_body("auto-x")), 503, "model_not_available");
+    let models = HttpRequest::get("/v1/models").bearer(&auto_key.key).send(s.gw.addr).json();
+    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().filter_map(|m| m["id"].as_str()).collect();
+    assert!(ids.contains(&"gpt-x") && !ids.contains(&"auto-x"), "{ids:?}");
+}
+
+#[test]
 fn disabling_the_only_channel_of_a_model_makes_it_unavailable_at_once() {
     let s = setup();
     for _ in 0..4 {
