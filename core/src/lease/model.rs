@@ -152,7 +152,13 @@ impl LedgerState {
             return Err(LedgerError::UnknownAccount);
         };
         let balance = acct.balance;
-        let grant = if balance >= floor.max(1) { want.max(floor).min(balance) } else { 0 };
+        // Beyond the floor the caller needs, at most half of what would be left: a small balance is
+        // never drained into one holder's lease, so the account's other holders can still be funded.
+        let grant = if balance >= floor.max(1) {
+            floor + (want - floor).max(0).min((balance - floor) / 2)
+        } else {
+            0
+        };
         self.move_funds(call, grant, 0, grant);
         Ok((grant, true))
     }
@@ -485,11 +491,21 @@ mod tests {
     }
 
     #[test]
-    fn take_grants_at_most_the_balance() {
+    fn take_grants_the_floor_and_at_most_half_of_what_is_left() {
         let mut l = funded(100);
-        assert_eq!(l.take(call(1, 1), 500, 10), Ok(100));
+        // 10 needed, and of the 90 beyond it half: 55.
+        assert_eq!(l.take(call(1, 1), 500, 10), Ok(55));
+        assert_eq!(l.account(USER).balance, 45);
+        assert_eq!(l.row(holder(1), USER).amount, 55);
+        // Needing all of it takes all of it.
+        assert_eq!(l.take(call(1, 2), 45, 45), Ok(45));
         assert_eq!(l.account(USER).balance, 0);
-        assert_eq!(l.row(holder(1), USER).amount, 100);
+    }
+
+    #[test]
+    fn a_rich_account_grants_the_whole_want() {
+        let mut l = funded(1_000_000);
+        assert_eq!(l.take(call(1, 1), 5_100, 100), Ok(5_100));
     }
 
     #[test]

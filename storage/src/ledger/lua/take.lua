@@ -17,7 +17,8 @@ end
 local balance = int(a[1])
 local grant = 0
 if balance >= math.max(floor, 1) then
-  grant = math.min(math.max(want, floor), balance)
+  -- Beyond the floor, at most half of what would be left (ModelLedger's rule, integer division).
+  grant = floor + math.min(math.max(want - floor, 0), floordiv(balance - floor, 2))
 end
 move_funds(grant, 0, seq, grant)
 return {'ok', grant}
