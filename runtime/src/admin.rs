@@ -841,6 +841,10 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
             "true" | "false" => Ok(()),
             _ => Err(bad("SelfUseModeEnabled must be true or false")),
         },
+        option_keys::COOLDOWN_FAILURES | option_keys::COOLDOWN_SECONDS => match value.trim().parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(()),
+            _ => Err(bad(format!("{key} must be a positive integer"))),
+        },
         option_keys::PRE_DEDUCT_MAX_TOKENS => match value.trim().parse::<u32>() {
             Ok(_) => Ok(()),
             Err(_) => Err(bad("PreDeductMaxTokens must be a non-negative integer")),

@@ -53,6 +53,11 @@ pub mod option_keys {
     /// Groups any user may use besides its own (through `auto`): a JSON object of group → description,
     /// as New API (default: none).
     pub const USER_USABLE_GROUPS: &str = "UserUsableGroups";
+    /// Failed requests within a minute that cool a channel down (default 3).
+    pub const COOLDOWN_FAILURES: &str = "ChannelCooldownFailures";
+    /// The first cooldown of a failing channel, in seconds (default 5); doubles on each failed probe
+    /// up to 5 minutes.
+    pub const COOLDOWN_SECONDS: &str = "ChannelCooldownSeconds";
 }
 
 /// The configuration every request is served under; immutable once published.
@@ -130,6 +135,7 @@ impl Snapshot {
             }),
             None => Default::default(),
         };
+        let cooldown = cooldown_from(&data.options);
         let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
         Snapshot {
             channels,
@@ -138,7 +144,7 @@ impl Snapshot {
             retry_times,
             options: data.options,
             filter,
-            cooldown: CooldownPolicy::default(),
+            cooldown,
             disable_rules,
             self_use_mode,
             pre_deduct_max_tokens,
@@ -167,6 +173,20 @@ pub fn parse_usable_groups(value: &str) -> Result<std::collections::BTreeSet<Str
 
 /// Completion tokens a pre-deduction assumes for a request without `max_tokens`.
 pub const DEFAULT_PRE_DEDUCT_MAX_TOKENS: i64 = 1024;
+
+/// The cooldown policy, with the `ChannelCooldown*` options over the defaults.
+pub fn cooldown_from(options: &BTreeMap<String, String>) -> CooldownPolicy {
+    let mut policy = CooldownPolicy::default();
+    let num = |k: &str| options.get(k).and_then(|v| v.trim().parse::<u32>().ok());
+    if let Some(n) = num(option_keys::COOLDOWN_FAILURES) {
+        policy.failure_threshold = n.max(1);
+    }
+    if let Some(secs) = num(option_keys::COOLDOWN_SECONDS) {
+        policy.base_cooldown_ms = u64::from(secs.max(1)) * 1000;
+        policy.max_cooldown_ms = policy.max_cooldown_ms.max(policy.base_cooldown_ms);
+    }
+    policy
+}
 
 /// The content filter configured by the `SensitiveWords` and `SensitiveRegexes` options.
 pub fn filter_from(

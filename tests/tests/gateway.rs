@@ -1426,6 +1426,101 @@ fn a_failing_channel_cools_down_and_is_skipped_while_cooling() {
     assert!((3..=4).contains(&tries), "the failing channel was tried {tries} times in 20 requests");
 }
 
+#[test]
+fn a_cooled_down_channel_is_probed_after_its_cooldown_and_serves_again_once_it_recovers() {
+    let (s, failing, a, b) = two_channels(json!({"status": 503}));
+    s.gw.put_option("ChannelCooldownSeconds", "1");
+    for _ in 0..6 {
+        let resp = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+        assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], b, "{}", resp.text());
+    }
+    let tried_while_failing = failing.requests().len();
+    failing.reset();
+    let recovered = eventually(Duration::from_secs(5), || {
+        let resp = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+        resp.status == 200 && s.gw.consume_log(&request_id(&resp))["channel_id"] == a
+    });
+    assert!(recovered, "the recovered channel never served again");
+    assert!(tried_while_failing <= 4, "tried {tried_while_failing} times while failing");
+    // Once recovered, every worker routes to it again (priority 10 first).
+    for _ in 0..4 {
+        let resp = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+        assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], a);
+    }
+}
+
+#[test]
+fn failover_walks_three_priority_tiers_in_order_within_retry_times() {
+    let s = setup();
+    let top = Mock::start(&[]);
+    let middle = Mock::start(&[]);
+    top.behave(json!({"status": 500}));
+    middle.behave(json!({"status": 502}));
+    s.gw.create_channel(json!({"base_url": top.base_url(), "models": "gpt-3t", "priority": 20}));
+    s.gw.create_channel(json!({"base_url": middle.base_url(), "models": "gpt-3t", "priority": 10}));
+    let bottom =
+        s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "gpt-3t", "priority": 0}));
+    s.gw.put_option("ChannelCooldownFailures", "100");
+
+    // One retry reaches the middle tier only: the bottom tier is never tried out of order.
+    s.gw.put_option("RetryTimes", "1");
+    assert_error(&s.gw.chat(&s.key.key, &chat_body("gpt-3t")), 502, "upstream_error");
+    assert_eq!((top.requests().len(), middle.requests().len()), (1, 1));
+
+    s.gw.put_option("RetryTimes", "2");
+    let resp = s.gw.chat(&s.key.key, &chat_body("gpt-3t"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], bottom);
+    assert_eq!((top.requests().len(), middle.requests().len()), (2, 2), "each tier tried once per request");
+}
+
+#[test]
+fn a_ratio_change_and_a_channel_model_change_under_load_fail_no_request() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1, "gpt-new": 1}"#);
+    s.mock.behave(json!({"prompt_tokens": 10, "completion_tokens": 10}));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (stop, served) = (stop.clone(), served.clone());
+            let (addr, key) = (s.gw.addr, s.key.key.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let resp = HttpRequest::post("/v1/chat/completions")
+                        .bearer(&key)
+                        .json(&chat_body("gpt-x"))
+                        .send(addr);
+                    if resp.status == 200 {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failures.push(format!("{} {}", resp.status, resp.text()));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    pause(Duration::from_millis(300));
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 3, "gpt-new": 1}"#);
+    s.gw.api("PUT", &format!("/api/channel/{}", s.channel), Some(&json!({"models": "gpt-x,gpt-new"})));
+    let new_model = s.gw.chat(&s.key.key, &chat_body("gpt-new"));
+    let after_change = s.gw.chat(&s.key.key, &chat_body("gpt-x"));
+    pause(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let failures: Vec<String> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} requests failed during the change: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(served.load(Ordering::Relaxed) > 50, "too little load to mean anything");
+    assert_eq!(new_model.status, 200, "the new model is routed at once: {}", new_model.text());
+    assert_eq!(s.gw.consume_log(&request_id(&after_change))["quota"], 60, "(10 + 10) × the new ratio 3");
+}
+
 // ---------------------------------------------------------------- tags
 
 #[test]
