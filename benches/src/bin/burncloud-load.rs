@@ -2,7 +2,8 @@
 //!
 //! Starts the mock upstream, BurnCloud (auth, routing, billing and logging on), nginx `proxy_pass` and,
 //! where installed, the LiteLLM proxy and the Portkey gateway, all against the same mock; then, system
-//! by system and alternating, measures:
+//! by system and alternating, measures (`burncloud_nobill` is the same gateway process, asked for an
+//! unpriced model in self-use mode: no pricing, prompt estimate or pre-deduction; phases 1 and 2):
 //!
 //! 1. maximum requests/s (wrk, or the built-in closed-loop generator without wrk) at each connection
 //!    count, with CPU µs per request and RSS;
@@ -35,7 +36,15 @@ const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef";
 const BODY: &str =
     r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello in one short sentence."}]}"#;
 const STREAM_BODY: &str = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"Say hello in one short sentence."}]}"#;
-const ALL_SYSTEMS: [&str; 5] = ["direct", "burncloud", "nginx", "litellm", "portkey"];
+/// The priced model BurnCloud serves (ratios shipped by default), and the unpriced one it serves for
+/// `burncloud_nobill` with `SelfUseModeEnabled` (the relay then skips pricing, the prompt estimate and
+/// the pre-deduction; authentication, routing and logging stay on).
+const PRICED_MODEL: &str = "gpt-4o-mini";
+const FREE_MODEL: &str = "bench-free";
+const ALL_SYSTEMS: [&str; 6] = ["direct", "burncloud", "burncloud_nobill", "nginx", "litellm", "portkey"];
+/// Systems measured only for throughput and latency: the same process as another one, whose memory
+/// and streams are that one's.
+const SAME_PROCESS: [&str; 1] = ["burncloud_nobill"];
 const PEERS: [&str; 2] = ["litellm", "portkey"];
 
 struct Options {
@@ -72,7 +81,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: burncloud-load [--smoke] [--install-peers] [--systems direct,burncloud,nginx,litellm,portkey]
+    "usage: burncloud-load [--smoke] [--install-peers] [--systems direct,burncloud,burncloud_nobill,nginx,litellm,portkey]
   [--duration S] [--rounds N] [--connections 64,256] [--rate-duration S] [--rates 0.25,0.5,0.8]
   [--idle-connections N] [--streams N] [--peer-streams N] [--chunks N] [--chunk-gap-ms MS]
   [--bin-dir DIR] [--out FILE.json] [--peer-dir DIR] [--profile FILE.perf] [--no-pin]";
@@ -164,7 +173,7 @@ fn parse_args() -> Result<Options, String> {
     }
     if o.smoke && !systems_set {
         // The smoke run stays within seconds: the slow peers run only when asked for.
-        o.systems = vec!["direct".into(), "burncloud".into(), "nginx".into()];
+        o.systems = vec!["direct".into(), "burncloud".into(), "burncloud_nobill".into(), "nginx".into()];
     }
     if let Some(s) = o.systems.iter().find(|s| !ALL_SYSTEMS.contains(&s.as_str())) {
         return Err(format!("unknown system {s}; known: {}", ALL_SYSTEMS.join(",")));
@@ -305,7 +314,9 @@ fn run(o: &Options) -> Result<(), String> {
         }
         let (addr, pid, headers, prefix) = match name {
             "direct" => (mock_addr.clone(), Some(mock.pid()), bc_headers.clone(), String::new()),
-            "burncloud" => (gw_addr.clone(), Some(gateway.pid()), bc_headers.clone(), String::new()),
+            "burncloud" | "burncloud_nobill" => {
+                (gw_addr.clone(), Some(gateway.pid()), bc_headers.clone(), String::new())
+            }
             _ => match running.iter().find(|(n, _)| *n == name) {
                 Some((_, p)) => {
                     let mut h = vec![("Content-Type".to_string(), "application/json".to_string())];
@@ -322,18 +333,21 @@ fn run(o: &Options) -> Result<(), String> {
         let dir = scratch.join(format!("wrk-{name}"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let hdr: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let model = if name == "burncloud_nobill" { FREE_MODEL } else { PRICED_MODEL };
+        let body = BODY.replace(PRICED_MODEL, model);
+        let stream_body = STREAM_BODY.replace(PRICED_MODEL, model);
         targets.push(Target {
             name,
             sock: client::resolve(&addr).map_err(|e| e.to_string())?,
             pid,
-            request: Arc::new(client::request_bytes(&addr, path, &headers, BODY)),
+            request: Arc::new(client::request_bytes(&addr, path, &headers, &body)),
             stream_request: Arc::new(client::request_bytes(
                 &addr,
                 &format!("{prefix}{path}"),
                 &headers,
-                STREAM_BODY,
+                &stream_body,
             )),
-            wrk_script: wrk::script(&dir, BODY, &hdr)?,
+            wrk_script: wrk::script(&dir, &body, &hdr)?,
             url: format!("http://{addr}{path}"),
             is_peer: PEERS.contains(&name),
         });
@@ -354,7 +368,7 @@ fn run(o: &Options) -> Result<(), String> {
             }
         }
     });
-    for t in &targets {
+    for t in targets.iter().filter(|t| !SAME_PROCESS.contains(&t.name)) {
         let m = measured.entry(t.name).or_default();
         m.idle_rss = t.pid.and_then(procs::rss_tree_kib);
     }
@@ -374,7 +388,11 @@ fn run(o: &Options) -> Result<(), String> {
             }
         }
         for round in 0..o.rounds {
-            for t in targets.iter().filter(|t| alive(t)) {
+            // Odd rounds go in reverse order, so that neither of two neighbours (burncloud and
+            // burncloud_nobill share one process) always runs in the other's wake.
+            let order: Vec<&Target> =
+                if round % 2 == 1 { targets.iter().rev().collect() } else { targets.iter().collect() };
+            for t in order.into_iter().filter(|t| alive(t)) {
                 let before = t.pid.and_then(procs::cpu_us);
                 match max_run(t, conns, o.duration, timeout, use_wrk, lay.load) {
                     Ok(r) => {
@@ -392,8 +410,10 @@ fn run(o: &Options) -> Result<(), String> {
                             r.errors + r.non_2xx
                         );
                         let m = measured.entry(t.name).or_default();
-                        let rss = t.pid.and_then(procs::rss_tree_kib);
-                        m.loaded_rss = m.loaded_rss.max(rss);
+                        if !SAME_PROCESS.contains(&t.name) {
+                            let rss = t.pid.and_then(procs::rss_tree_kib);
+                            m.loaded_rss = m.loaded_rss.max(rss);
+                        }
                         m.max.entry(conns).or_default().push((r, cpu));
                     }
                     Err(e) => measured.entry(t.name).or_default().errors.push(e),
@@ -451,11 +471,12 @@ fn run(o: &Options) -> Result<(), String> {
 
     // 3. Concurrent streams, after one warm-up stream each (one-time costs such as loading a
     //    tokenizer are not the steady state).
-    for t in &targets {
+    let own_process = |t: &&Target| !SAME_PROCESS.contains(&t.name);
+    for t in targets.iter().filter(own_process) {
         let _ = client::Conn::connect(&t.sock, Duration::from_secs(10))
             .and_then(|mut c| c.roundtrip(&t.stream_request));
     }
-    for t in targets.iter().filter(|t| alive(t)) {
+    for t in targets.iter().filter(own_process).filter(|t| alive(t)) {
         let n = if t.is_peer { o.peer_streams } else { o.streams };
         if n == 0 {
             continue;
@@ -474,7 +495,7 @@ fn run(o: &Options) -> Result<(), String> {
     // 4. RSS per idle keep-alive connection (last: the memory it takes is not always given back).
     let idle_n = o.idle_connections.min(nofile.saturating_sub(2000) as usize);
     if idle_n > 0 {
-        for t in targets.iter().filter(|t| t.name != "direct" && alive(t)) {
+        for t in targets.iter().filter(own_process).filter(|t| t.name != "direct" && alive(t)) {
             let Some(pid) = t.pid else { continue };
             let v = idle_connections(t, pid, idle_n, o.smoke);
             eprintln!("idle {}: {v}", t.name);
@@ -765,6 +786,30 @@ fn report(
         "burncloud_vs_nginx_cpu_per_req".into(),
         get("burncloud", "cpu_us_per_req").zip(get("nginx", "cpu_us_per_req")).map(|(b, n)| b / n),
     );
+    // Billing on (burncloud) vs off (burncloud_nobill): the same process, alternating.
+    for (i, conns) in o.connections.iter().enumerate() {
+        let key = if i == 0 { "rps".to_string() } else { format!("rps_{conns}") };
+        let suffix = if i == 0 { String::new() } else { format!("_{conns}") };
+        put(
+            format!("burncloud_billing_on_vs_off_rps{suffix}"),
+            get("burncloud", &key).zip(get("burncloud_nobill", &key)).map(|(on, off)| on / off),
+        );
+    }
+    put(
+        "burncloud_billing_cpu_us_per_req_delta".into(),
+        get("burncloud", "cpu_us_per_req")
+            .zip(get("burncloud_nobill", "cpu_us_per_req"))
+            .map(|(on, off)| on - off),
+    );
+    // Round by round (each round runs both within seconds of each other): the spread of the ratio.
+    let paired: Vec<f64> = measured
+        .get("burncloud")
+        .and_then(|on| on.max.get(&base_conns))
+        .zip(measured.get("burncloud_nobill").and_then(|off| off.max.get(&base_conns)))
+        .map(|(on, off)| on.iter().zip(off).map(|(a, b)| a.0.rps / b.0.rps.max(1e-9)).collect())
+        .unwrap_or_default();
+    put("burncloud_billing_on_vs_off_rps_min_round".into(), paired.iter().copied().reduce(f64::min));
+    put("burncloud_billing_on_vs_off_rps_max_round".into(), paired.iter().copied().reduce(f64::max));
     for sys in ["burncloud", "nginx", "litellm", "portkey"] {
         put(format!("{sys}_kib_per_idle_conn"), get(sys, "kib_per_idle_conn"));
     }
@@ -778,7 +823,7 @@ fn report(
     let mut p99_goal: Option<bool> = None;
     for frac in &o.rate_fractions {
         let pct = (frac * 100.0).round() as u32;
-        for sys in ["burncloud", "nginx"] {
+        for sys in ["burncloud", "burncloud_nobill", "nginx"] {
             for key in ["p50_ms", "p99_ms", "p999_ms"] {
                 let over = fixed(sys, *frac, key).zip(fixed("direct", *frac, key)).map(|(s, d)| s - d);
                 put(format!("{sys}_{}_overhead_ms_at_{pct}pct", key.trim_end_matches("_ms")), over);
@@ -828,6 +873,8 @@ fn report(
         "throughput_vs_litellm": goal(ratio("burncloud_vs_litellm_rps"), 300.0, true),
         "throughput_vs_portkey": goal(ratio("burncloud_vs_portkey_rps"), 30.0, true),
         "kib_per_idle_conn": goal(ratio("burncloud_kib_per_idle_conn"), 10.0, false),
+        "billing_costs_lt_5pct_throughput": goal(ratio("burncloud_billing_on_vs_off_rps"), 0.95, true),
+        "billing_costs_lt_5pct_throughput_256": goal(ratio(&format!("burncloud_billing_on_vs_off_rps_{}", o.connections.get(1).copied().unwrap_or(256))), 0.95, true),
     });
     let versions: Map<String, Value> =
         peers::versions(&o.peer_dir).into_iter().map(|(k, v)| (k, Value::String(v))).collect();
@@ -845,6 +892,7 @@ fn report(
             "idle_connections": o.idle_connections,
             "streams": {"burncloud_nginx_direct": o.streams, "peers": o.peer_streams, "chunks": o.chunks, "chunk_gap_ms": o.chunk_gap_ms},
             "gateway_workers": 1, "request": "POST /v1/chat/completions, non-stream unless noted",
+            "billing": format!("burncloud: model {PRICED_MODEL} (priced: estimate, pre-deduction, settlement); burncloud_nobill: the same process, model {FREE_MODEL} (no price, SelfUseModeEnabled: none of them)"),
             "peer_install": install_notes,
         },
         "systems": systems,
@@ -995,6 +1043,7 @@ fn fixed_row<'a>(systems: &'a Map<String, Value>, name: &str, frac: f64) -> Opti
 fn color(name: &str) -> chart::Rgb {
     match name {
         "burncloud" => [232, 89, 12],
+        "burncloud_nobill" => [250, 176, 5],
         "nginx" => [47, 158, 68],
         "litellm" => [28, 126, 214],
         "portkey" => [112, 72, 232],
@@ -1128,10 +1177,15 @@ fn commit() -> String {
     if dirty { format!("{rev}-dirty") } else { rev }
 }
 
-/// Creates a channel to the mock, a user and an unlimited key; returns the key.
+/// Creates a channel to the mock for the priced model and one for the unpriced model, turns
+/// self-use mode on (unpriced models are then free and not pre-deducted), a user and an unlimited
+/// key; returns the key.
 fn provision(gw: &str, mock: &str) -> Result<String, String> {
-    let channel = json!({"name":"mock","type":"openai","base_url":format!("http://{mock}"),"key":"mock-key","models":"gpt-4o-mini","group":"default"});
-    admin(gw, "/api/channel/", &channel)?;
+    for (name, model) in [("mock", PRICED_MODEL), ("mock-free", FREE_MODEL)] {
+        let channel = json!({"name":name,"type":"openai","base_url":format!("http://{mock}"),"key":"mock-key","models":model,"group":"default"});
+        admin(gw, "/api/channel/", &channel)?;
+    }
+    admin_call(gw, "PUT", "/api/option/", &json!({"key":"SelfUseModeEnabled","value":"true"}))?;
     let user = admin(
         gw,
         "/api/user/",
@@ -1143,11 +1197,15 @@ fn provision(gw: &str, mock: &str) -> Result<String, String> {
 }
 
 fn admin(addr: &str, path: &str, body: &Value) -> Result<Value, String> {
+    admin_call(addr, "POST", path, body)
+}
+
+fn admin_call(addr: &str, method: &str, path: &str, body: &Value) -> Result<Value, String> {
     let body = body.to_string();
     let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
