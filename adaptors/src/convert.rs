@@ -255,6 +255,9 @@ impl Decoder {
 enum Encoder {
     /// Same protocol: the upstream bytes are forwarded as they arrive.
     Passthrough,
+    /// OpenAI to OpenAI when the gateway asked the upstream for a usage chunk the client did not ask
+    /// for: every event is forwarded as it was sent (`data: …`), except that usage-only chunk.
+    PassthroughHidingUsage,
     OpenAi(openai::StreamEncoder),
     Anthropic(anthropic::StreamEncoder),
     Gemini(gemini::StreamEncoder),
@@ -263,7 +266,7 @@ enum Encoder {
 impl Encoder {
     fn encode(&mut self, ev: &StreamEvent, out: &mut BytesMut) {
         match self {
-            Encoder::Passthrough => {}
+            Encoder::Passthrough | Encoder::PassthroughHidingUsage => {}
             Encoder::OpenAi(e) => e.encode(ev, out),
             Encoder::Anthropic(e) => e.encode(ev, out),
             Encoder::Gemini(e) => e.encode(ev, out),
@@ -314,6 +317,16 @@ impl StreamConverter {
         }
     }
 
+    /// An OpenAI-to-OpenAI stream for which the gateway added `stream_options.include_usage` although
+    /// the client did not ask for it: the upstream's usage-only chunk is read for billing but not
+    /// forwarded; every other event goes through unchanged.
+    pub fn hiding_usage(mut self) -> Self {
+        if matches!(self.encoder, Encoder::Passthrough) && matches!(self.decoder, Decoder::OpenAi(_)) {
+            self.encoder = Encoder::PassthroughHidingUsage;
+        }
+        self
+    }
+
     /// Takes upstream bytes and appends whatever client bytes are ready to `out`.
     pub fn feed(&mut self, bytes: &[u8], out: &mut BytesMut) {
         if self.finished {
@@ -324,6 +337,18 @@ impl StreamConverter {
         }
         self.sse.feed(bytes);
         while let Some(ev) = self.sse.next_event() {
+            if matches!(self.encoder, Encoder::PassthroughHidingUsage)
+                && !openai::is_usage_only_chunk(&ev.data)
+            {
+                if let Some(name) = &ev.event {
+                    out.extend_from_slice(b"event: ");
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b"\n");
+                }
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&ev.data);
+                out.extend_from_slice(b"\n\n");
+            }
             self.decoder.decode(&ev, &mut self.events);
         }
         self.flush(out);
@@ -376,6 +401,37 @@ mod tests {
 
     fn meta() -> ResponseMeta<'static> {
         ResponseMeta { model: "client-model", id: "req42", created: 1_700_000_000 }
+    }
+
+    #[test]
+    fn a_hidden_usage_chunk_is_read_for_billing_but_not_forwarded() {
+        let stream = concat!(
+            "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"total_tokens\":9}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        for split in 1..stream.len() {
+            let mut c =
+                StreamConverter::new(Protocol::OpenAi, Protocol::OpenAi, &meta(), false).hiding_usage();
+            let mut out = BytesMut::new();
+            c.feed(&stream.as_bytes()[..split], &mut out);
+            c.feed(&stream.as_bytes()[split..], &mut out);
+            c.finish(&mut out);
+            let text = String::from_utf8(out.to_vec()).unwrap();
+            assert!(!text.contains("prompt_tokens"), "usage forwarded at split {split}: {text}");
+            assert!(text.contains("\"content\":\"Hi\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+            assert_eq!(c.usage().map(|u| (u.prompt_tokens, u.completion_tokens)), Some((7, 2)));
+        }
+    }
+
+    #[test]
+    fn asking_for_usage_keeps_the_other_stream_options() {
+        let body = br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#;
+        let v: Value = serde_json::from_slice(&openai::with_usage_requested(body).unwrap()).unwrap();
+        assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
+        let v: Value =
+            serde_json::from_slice(&openai::with_usage_requested(br#"{"model":"m"}"#).unwrap()).unwrap();
+        assert_eq!(v["stream_options"], json!({"include_usage": true}));
     }
 
     fn parse(b: &[u8]) -> Value {

@@ -70,6 +70,35 @@ pub fn request_info(body: &[u8]) -> Result<RequestInfo, RequestError> {
     Ok(RequestInfo { model, stream, include_usage })
 }
 
+/// Whether an SSE payload is the chunk `stream_options.include_usage` adds: no choices, a usage.
+pub fn is_usage_only_chunk(data: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Chunk {
+        #[serde(default)]
+        choices: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    // Cheap refusal first: most chunks carry no usage object at all.
+    if memchr::memmem::find(data, b"\"usage\"").is_none() {
+        return false;
+    }
+    serde_json::from_slice::<Chunk>(data).is_ok_and(|c| c.choices.is_empty() && c.usage.is_some())
+}
+
+/// The body with `stream_options.include_usage` set to true; every other field is kept as sent.
+pub fn with_usage_requested(body: &[u8]) -> Result<Bytes, RequestError> {
+    let mut v: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    let options = v.entry("stream_options").or_insert_with(|| serde_json::Value::Object(Default::default()));
+    if let serde_json::Value::Object(o) = options {
+        o.insert("include_usage".into(), serde_json::Value::Bool(true));
+    } else {
+        *options = serde_json::json!({"include_usage": true});
+    }
+    serde_json::to_vec(&v).map(Bytes::from).map_err(|e| RequestError::NotJson(e.to_string()))
+}
+
 /// The body with `model` replaced; every other field is kept as sent.
 pub fn with_model(body: &[u8], model: &str) -> Result<Bytes, RequestError> {
     let mut v: serde_json::Map<String, serde_json::Value> =

@@ -841,6 +841,16 @@ fn validate_option(key: &str, value: &str) -> Result<(), ApiError> {
             "true" | "false" => Ok(()),
             _ => Err(bad("SelfUseModeEnabled must be true or false")),
         },
+        option_keys::IMAGE_FETCH_MAX_BYTES | option_keys::IMAGE_FETCH_TIMEOUT_MS => {
+            match value.trim().parse::<u64>() {
+                Ok(n) if n >= 1 => Ok(()),
+                _ => Err(bad(format!("{key} must be a positive integer"))),
+            }
+        }
+        option_keys::IMAGE_FETCH_ALLOW_PRIVATE => match value.trim() {
+            "true" | "false" => Ok(()),
+            _ => Err(bad("ImageFetchAllowPrivate must be true or false")),
+        },
         option_keys::COOLDOWN_FAILURES | option_keys::COOLDOWN_SECONDS => match value.trim().parse::<u32>() {
             Ok(n) if n >= 1 => Ok(()),
             _ => Err(bad(format!("{key} must be a positive integer"))),

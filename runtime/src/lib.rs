@@ -7,6 +7,7 @@ pub mod admin;
 pub mod billing;
 pub mod config;
 pub mod http;
+pub mod images;
 pub mod logging;
 pub mod models;
 pub mod probe;

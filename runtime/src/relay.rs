@@ -216,7 +216,8 @@ async fn relay_steps(
                     Answer::Complete(full) => {
                         let delivered = full_delivered(&full, endpoint.protocol());
                         let blocked = completion_blocked(&snapshot.filter, &full, endpoint.protocol());
-                        let usage = measured_usage(endpoint, &info, &req.body, delivered);
+                        let images = billed.as_ref().map_or(0, |b| b.image_tokens(channel.kind));
+                        let usage = measured_usage(endpoint, &info, &req.body, images, delivered);
                         if let Some(billed) = billed.take() {
                             let billed = billed.in_group(&snapshot, &info.model, group);
                             settle(worker, ctx, &caller, &channel, &info, billed, usage, req);
@@ -239,7 +240,8 @@ async fn relay_steps(
                             &filter,
                         )
                         .await;
-                        let usage = measured_usage(endpoint, &info, &req.body, delivered);
+                        let images = billed.as_ref().map_or(0, |b| b.image_tokens(channel.kind));
+                        let usage = measured_usage(endpoint, &info, &req.body, images, delivered);
                         if let Some(billed) = billed.take() {
                             let billed = billed.in_group(&snapshot, &info.model, group);
                             settle(worker, ctx, &caller, &channel, &info, billed, usage, req);
@@ -566,7 +568,10 @@ pub async fn forward(
     let created = u64::try_from(unix_now()).unwrap_or(0);
     let meta = ResponseMeta { model: &info.model, id: &ctx.id, created };
     if stream {
-        let converter = StreamConverter::new(upstream, client, &meta, info.include_usage);
+        let mut converter = StreamConverter::new(upstream, client, &meta, info.include_usage);
+        if injects_usage(endpoint, upstream, info) {
+            converter = converter.hiding_usage();
+        }
         return Ok(Answer::Stream(Box::new((response, converter))));
     }
     let raw = response.read_to_end(MAX_UPSTREAM_BODY).await.map_err(upstream_failure)?;
@@ -610,7 +615,11 @@ fn upstream_body(
         Endpoint::Completions => Ok((rewrite(body)?, "/v1/completions".into(), info.stream)),
         Endpoint::Embeddings => Ok((rewrite(body)?, "/v1/embeddings".into(), false)),
         Endpoint::Chat(_) | Endpoint::Gemini { .. } if client == upstream => {
-            let body = if client == Protocol::Gemini { body.clone() } else { rewrite(body)? };
+            let mut body = if client == Protocol::Gemini { body.clone() } else { rewrite(body)? };
+            if injects_usage(endpoint, upstream, info) {
+                // The upstream's own usage is the truth: ask for it even when the client did not.
+                body = openai::with_usage_requested(&body).map_err(|e| invalid(e.to_string()))?;
+            }
             Ok((body, burncloud_adaptors::upstream_path(upstream, upstream_model, info.stream), info.stream))
         }
         Endpoint::Chat(_) | Endpoint::Gemini { .. } => {
@@ -625,6 +634,15 @@ fn upstream_body(
             Ok((converted.body, converted.path, converted.stream))
         }
     }
+}
+
+/// Whether the gateway adds `stream_options.include_usage` to an OpenAI chat stream the client sends
+/// as is (and then keeps the usage chunk from a client that did not ask for it).
+fn injects_usage(endpoint: &Endpoint, upstream: Protocol, info: &RequestInfo) -> bool {
+    matches!(endpoint, Endpoint::Chat(Protocol::OpenAi))
+        && upstream == Protocol::OpenAi
+        && info.stream
+        && !info.include_usage
 }
 
 /// Whether an upstream status may succeed on another channel (New API's defaults: 429, 5xx, and
@@ -741,6 +759,7 @@ pub fn measured_usage(
     endpoint: &Endpoint,
     info: &RequestInfo,
     body: &[u8],
+    image_tokens: i64,
     delivered: Delivered,
 ) -> Measured {
     let completion_text = match delivered {
@@ -752,7 +771,7 @@ pub fn measured_usage(
         Endpoint::Chat(p) => chat_prompt_tokens(*p, model, body, info.stream),
         Endpoint::Gemini { .. } => chat_prompt_tokens(Protocol::Gemini, model, body, info.stream),
         Endpoint::Completions | Endpoint::Embeddings => legacy_prompt_tokens(model, body),
-    };
+    } + image_tokens;
     let completion_tokens = i64::from(tokens::count_text(model, &completion_text));
     let usage = Usage {
         prompt_tokens,
@@ -854,9 +873,17 @@ pub struct Billed {
     pub group: String,
     pub price: Option<Price>,
     pub admission: Admission,
+    /// The prompt's images, measured at admission.
+    pub images: Vec<crate::images::PromptImage>,
 }
 
 impl Billed {
+    /// The prompt tokens of the request's images under the rule of the channel that served it (used
+    /// when the upstream reports no usage).
+    pub fn image_tokens(&self, kind: ChannelType) -> i64 {
+        crate::images::tokens(&self.images, channel_protocol(kind))
+    }
+
     /// The same admission, priced in `group` (an `auto` key served in a later group than the one it
     /// was admitted in pays that group's ratio; a difference to the pre-deduction settles as usual).
     pub fn in_group(mut self, snapshot: &crate::state::Snapshot, model: &str, group: &str) -> Billed {
@@ -869,12 +896,15 @@ impl Billed {
 }
 
 /// The prompt as estimated before forwarding, for the pre-deduction and TPM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Estimate {
+    /// Text, tool definitions and images (under the client protocol's image rule).
     pub prompt_tokens: i64,
     /// The completion the client allows (`max_tokens` and its protocol equivalents); `Some(0)` for
     /// embeddings.
     pub max_tokens: Option<i64>,
+    /// The prompt's images, measured, for settlement under the serving channel's rule.
+    pub images: Vec<crate::images::PromptImage>,
 }
 
 /// Step 4: the model's price (by the client-facing name), the prompt estimate, the key's rate
@@ -900,19 +930,26 @@ pub async fn admit(
     };
     let needs_tokens = matches!(price, Some(Price::Ratio { .. })) || caller.token.tpm > 0;
     let estimate = if needs_tokens {
-        estimate_prompt(endpoint, info, body)
+        estimate_prompt(worker, snapshot, endpoint, info, body).await
     } else {
-        Estimate { prompt_tokens: 0, max_tokens: None }
+        Estimate::default()
     };
     let pre = price.map(|p| {
         p.pre_deduction(estimate.prompt_tokens, estimate.max_tokens, snapshot.pre_deduct_max_tokens)
     });
     let admission = worker.billing.admit(caller, pre, estimate.prompt_tokens).await?;
-    Ok(Billed { group: group.to_string(), price, admission })
+    Ok(Billed { group: group.to_string(), price, admission, images: estimate.images })
 }
 
-/// The prompt's tokens (text, tool definitions, inline images) and the completion the client allows.
-pub fn estimate_prompt(endpoint: &Endpoint, info: &RequestInfo, body: &[u8]) -> Estimate {
+/// The prompt's tokens (text, tool definitions, images: inline ones measured from their bytes, remote
+/// ones fetched as far as their header) and the completion the client allows.
+pub async fn estimate_prompt(
+    worker: &Worker,
+    snapshot: &crate::state::Snapshot,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+) -> Estimate {
     let model = info.model.as_str();
     match endpoint {
         Endpoint::Chat(_) | Endpoint::Gemini { .. } => {
@@ -920,19 +957,18 @@ pub fn estimate_prompt(endpoint: &Endpoint, info: &RequestInfo, body: &[u8]) -> 
             let opts = RequestOptions { stream: Some(info.stream), ..RequestOptions::default() };
             match burncloud_adaptors::convert::decode_request(protocol, body, &opts) {
                 Ok(request) => {
-                    let images: i64 = request
-                        .images()
-                        .filter_map(|image| burncloud_adaptors::vision::inline_image_tokens(protocol, image))
-                        .map(i64::from)
-                        .sum();
+                    let images =
+                        crate::images::measure(&worker.client, &request, &snapshot.image_fetch).await;
                     Estimate {
-                        prompt_tokens: i64::from(tokens::count_chat_prompt(model, &request)) + images,
+                        prompt_tokens: i64::from(tokens::count_chat_prompt(model, &request))
+                            + crate::images::tokens(&images, protocol),
                         max_tokens: request.max_tokens.map(i64::from),
+                        images,
                     }
                 }
                 Err(_) => Estimate {
                     prompt_tokens: i64::from(tokens::count_text(model, &String::from_utf8_lossy(body))),
-                    max_tokens: None,
+                    ..Estimate::default()
                 },
             }
         }
@@ -941,10 +977,13 @@ pub fn estimate_prompt(endpoint: &Endpoint, info: &RequestInfo, body: &[u8]) -> 
             max_tokens: serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
                 .and_then(|v| v.get("max_tokens").and_then(serde_json::Value::as_i64)),
+            images: Vec::new(),
         },
-        Endpoint::Embeddings => {
-            Estimate { prompt_tokens: legacy_prompt_tokens(model, body), max_tokens: Some(0) }
-        }
+        Endpoint::Embeddings => Estimate {
+            prompt_tokens: legacy_prompt_tokens(model, body),
+            max_tokens: Some(0),
+            images: Vec::new(),
+        },
     }
 }
 

@@ -107,6 +107,9 @@ impl Server {
             let shared_w = shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("burncloud-worker-{index}"))
+                // Request futures nest deeply (relay → admission → image fetch → upstream exchange);
+                // debug builds poll them with large frames. One thread per core: the room is cheap.
+                .stack_size(WORKER_STACK_BYTES)
                 .spawn(move || run_worker(index, shared_w, addr, bound_tx, stop_rx, inbox, health))
                 .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
             match bound_rx.recv() {
@@ -251,6 +254,9 @@ fn announcements(
     .map_err(|e| StartError(format!("BURNCLOUD_REDIS_URL: {e}")))?;
     Ok((Some(publisher), Some(listener)))
 }
+
+/// Stack of each worker thread.
+const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 /// Longest a worker waits at shutdown for the ledger to take its reports and returns.
 const LEASE_DRAIN_LIMIT: Duration = Duration::from_secs(5);

@@ -58,6 +58,12 @@ pub mod option_keys {
     /// The first cooldown of a failing channel, in seconds (default 5); doubles on each failed probe
     /// up to 5 minutes.
     pub const COOLDOWN_SECONDS: &str = "ChannelCooldownSeconds";
+    /// Most bytes read of a remote image to find its size (default 1 MiB).
+    pub const IMAGE_FETCH_MAX_BYTES: &str = "ImageFetchMaxBytes";
+    /// Longest a remote image fetch may take (default 3000 ms).
+    pub const IMAGE_FETCH_TIMEOUT_MS: &str = "ImageFetchTimeoutMs";
+    /// `true`: image URLs may point at loopback and private addresses (default `false`).
+    pub const IMAGE_FETCH_ALLOW_PRIVATE: &str = "ImageFetchAllowPrivate";
 }
 
 /// The configuration every request is served under; immutable once published.
@@ -83,6 +89,8 @@ pub struct Snapshot {
     pub auto_groups: Vec<String>,
     /// Groups every user may use besides its own.
     pub usable_groups: std::collections::BTreeSet<String>,
+    /// How remote images in prompts are measured.
+    pub image_fetch: crate::images::FetchPolicy,
 }
 
 impl Snapshot {
@@ -136,6 +144,7 @@ impl Snapshot {
             None => Default::default(),
         };
         let cooldown = cooldown_from(&data.options);
+        let image_fetch = image_fetch_from(&data.options);
         let channels = data.channels.into_iter().map(|c| (c.id, Arc::new(c))).collect();
         Snapshot {
             channels,
@@ -150,6 +159,7 @@ impl Snapshot {
             pre_deduct_max_tokens,
             auto_groups,
             usable_groups,
+            image_fetch,
         }
     }
 }
@@ -185,6 +195,21 @@ pub fn cooldown_from(options: &BTreeMap<String, String>) -> CooldownPolicy {
         policy.base_cooldown_ms = u64::from(secs.max(1)) * 1000;
         policy.max_cooldown_ms = policy.max_cooldown_ms.max(policy.base_cooldown_ms);
     }
+    policy
+}
+
+/// How remote images are fetched, with the `ImageFetch*` options over the defaults.
+pub fn image_fetch_from(options: &BTreeMap<String, String>) -> crate::images::FetchPolicy {
+    let mut policy = crate::images::FetchPolicy::default();
+    let num = |k: &str| options.get(k).and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = num(option_keys::IMAGE_FETCH_MAX_BYTES) {
+        policy.max_bytes = usize::try_from(n).unwrap_or(usize::MAX).max(64);
+    }
+    if let Some(ms) = num(option_keys::IMAGE_FETCH_TIMEOUT_MS) {
+        policy.timeout = Duration::from_millis(ms.max(1));
+    }
+    policy.allow_private =
+        options.get(option_keys::IMAGE_FETCH_ALLOW_PRIVATE).is_some_and(|v| v.trim() == "true");
     policy
 }
 

@@ -1234,11 +1234,44 @@ fn without_an_admin_key_one_is_generated_printed_once_and_kept() {
 // ---------------------------------------------------------------- usage the upstream did not report
 
 #[test]
+fn a_stream_the_client_asked_no_usage_for_is_billed_from_the_upstreams_usage_which_the_client_does_not_see() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
+    s.gw.put_option("CompletionRatio", r#"{"gpt-x": 1}"#);
+    s.mock.behave(json!({"chunks": 4, "prompt_tokens": 31, "completion_tokens": 12}));
+    let body =
+        json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "Say hello"}]});
+
+    let resp = s.gw.chat(&s.key.key, &body);
+
+    assert_eq!(resp.status, 200);
+    let upstream = s.mock.requests().pop().unwrap().json();
+    assert_eq!(upstream["stream_options"]["include_usage"], true, "the gateway asks for usage: {upstream}");
+    let events = resp.sse_data();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(
+        events.iter().all(|e| e == "[DONE]"
+            || serde_json::from_str::<Value>(e).unwrap()["choices"]
+                .as_array()
+                .is_some_and(|c| !c.is_empty())),
+        "a usage-only chunk reached a client that did not ask for it: {events:?}"
+    );
+    let log = s.gw.consume_log(&request_id(&resp));
+    assert_eq!(
+        (log["prompt_tokens"].as_i64(), log["completion_tokens"].as_i64()),
+        (Some(31), Some(12)),
+        "{log}"
+    );
+    assert_eq!(log["quota"], 43);
+    assert_eq!(log["content"], "", "the upstream reported the usage: {log}");
+}
+
+#[test]
 fn a_stream_without_a_usage_chunk_is_billed_from_local_token_counts() {
     let s = setup();
     s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
     s.gw.put_option("CompletionRatio", r#"{"gpt-x": 1}"#);
-    s.mock.behave(json!({"chunks": 4, "completion_tokens": 12}));
+    s.mock.behave(json!({"chunks": 4, "completion_tokens": 12, "omit_usage": true}));
     let body =
         json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "Say hello"}]});
 
@@ -1256,13 +1289,84 @@ fn a_stream_without_a_usage_chunk_is_billed_from_local_token_counts() {
     assert!(log["content"].as_str().unwrap().contains("counted by the gateway"), "{log}");
 }
 
+/// A loopback HTTP server answering every GET with the header of a `w` × `h` PNG; counts requests.
+fn png_server(w: u32, h: u32) -> (String, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/pictures/cat.png?size=big", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf);
+            counted.fetch_add(1, Ordering::SeqCst);
+            let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+            png.extend(w.to_be_bytes());
+            png.extend(h.to_be_bytes());
+            png.extend([8, 6, 0, 0, 0]);
+            png.extend(vec![0u8; 2048]);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+                png.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&png);
+        }
+    });
+    (url, hits)
+}
+
+fn image_body(url: &str) -> Value {
+    json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+    ]}]})
+}
+
+#[test]
+fn a_remote_image_is_measured_from_its_header_and_billed_by_its_size_when_the_upstream_reports_nothing() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
+    s.mock.behave(json!({"chunks": 2, "completion_tokens": 4, "omit_usage": true}));
+    let (url, hits) = png_server(2048, 1024);
+    let text_only = json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}]}]});
+    let base =
+        s.gw.consume_log(&request_id(&s.gw.chat(&s.key.key, &text_only)))["prompt_tokens"].as_i64().unwrap();
+
+    // By default an image URL on a loopback address is not fetched: priced as 1024 × 1024 (765).
+    let resp = s.gw.chat(&s.key.key, &image_body(&url));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let unmeasured = s.gw.consume_log(&request_id(&resp))["prompt_tokens"].as_i64().unwrap();
+    assert_eq!(unmeasured - base, 765);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "an internal address was fetched");
+
+    // Allowed, it is fetched once (then remembered by the worker) and priced by its size: 2048 × 1024
+    // at high detail is 6 tiles, 85 + 6 × 170 = 1105 tokens.
+    s.gw.put_option("ImageFetchAllowPrivate", "true");
+    let (url, hits) = png_server(2048, 1024);
+    for _ in 0..3 {
+        let resp = s.gw.chat(&s.key.key, &image_body(&url));
+        let measured = s.gw.consume_log(&request_id(&resp))["prompt_tokens"].as_i64().unwrap();
+        assert_eq!(measured - base, 1105, "{}", resp.text());
+    }
+    assert!(
+        (1..=2).contains(&hits.load(Ordering::SeqCst)),
+        "fetched {} times for 3 requests on 2 workers",
+        hits.load(Ordering::SeqCst)
+    );
+}
+
 #[test]
 fn a_stream_cut_by_the_upstream_is_billed_for_the_prompt_and_what_was_delivered() {
     let s = setup();
     s.gw.put_option("ModelRatio", r#"{"gpt-x": 1}"#);
     let body =
         json!({"model": "gpt-x", "stream": true, "messages": [{"role": "user", "content": "Say hello"}]});
-    s.mock.behave(json!({"chunks": 8, "completion_tokens": 40}));
+    // Both counted locally (the upstream reports no usage), so they compare like for like.
+    s.mock.behave(json!({"chunks": 8, "completion_tokens": 40, "omit_usage": true}));
     let full = s.gw.chat(&s.key.key, &body);
     let full_log = s.gw.consume_log(&request_id(&full));
     s.mock.behave(json!({"chunks": 8, "completion_tokens": 40, "fault": "disconnect_mid_stream", "fault_after_chunks": 2}));

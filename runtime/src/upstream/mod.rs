@@ -329,6 +329,12 @@ impl Client {
     }
 
     /// Addresses of a host: IP literals directly, names through a resolver thread, cached.
+    /// The addresses `host` resolves to (the worker's DNS cache, else a resolver thread); what a
+    /// connection to it would try.
+    pub async fn resolve_host(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
+        self.resolve(host, port).await
+    }
+
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);

@@ -53,6 +53,10 @@ pub struct Behaviour {
     /// Answer chat requests (all three protocols) with this tool call instead of text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_call: Option<ToolCall>,
+    /// OpenAI streams: never send the usage chunk, even when `stream_options.include_usage` asks for
+    /// it (as some providers do).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub omit_usage: bool,
     /// Applies to the next `times` API requests, then the mock reverts; absent = until changed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub times: Option<u64>,

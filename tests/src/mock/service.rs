@@ -47,6 +47,7 @@ struct Plan {
     fault_after_chunks: usize,
     /// The tool call to answer with instead of text: the function name and the arguments JSON.
     tool_call: Option<(String, String)>,
+    omit_usage: bool,
 }
 
 /// The protocol an API path belongs to, which decides the shape of its error bodies.
@@ -136,6 +137,7 @@ impl MockUpstream {
             fault: b.fault,
             fault_after_chunks: b.fault_after_chunks.unwrap_or(1),
             tool_call: b.tool_call.map(|t| (t.name, t.arguments.to_string())),
+            omit_usage: b.omit_usage,
         }
     }
 
@@ -223,7 +225,8 @@ impl MockUpstream {
             completion_tokens: plan.completion_tokens,
         };
         let stream = r.stream == Some(true);
-        let include_usage = r.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
+        let include_usage =
+            r.stream_options.and_then(|o| o.include_usage).unwrap_or(false) && !plan.omit_usage;
         let mut events = match (&plan.tool_call, api) {
             (Some((name, arguments)), Api::Chat) => {
                 let call_id = self.id("call");
