@@ -1058,3 +1058,362 @@ impl SseDecoder {
         }
     }
 }
+
+// ---------------------------------------------------------------- more databases, and process control
+
+impl TestDatabase {
+    /// A fresh SQLite database, whatever `BURNCLOUD_TEST_DB` says.
+    pub fn sqlite() -> Arc<TestDatabase> {
+        Arc::new(TestDatabase::Sqlite { dir: TempDir::new("bc-it-db-") })
+    }
+
+    /// A fresh database on the machine's Postgres (`BURNCLOUD_TEST_POSTGRES_URL`, default
+    /// `postgres://postgres@127.0.0.1:5432`), whatever `BURNCLOUD_TEST_DB` says: for tests that run
+    /// several gateway processes on one database, which SQLite does not support.
+    pub fn postgres() -> Arc<TestDatabase> {
+        let base_url = std::env::var("BURNCLOUD_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".into());
+        TestDatabase::postgres_on(&base_url)
+    }
+
+    /// A fresh database on the Postgres server at `base_url` (`postgres://user@host:port`, which must
+    /// have a database named `test` to connect to first, as the harness's own servers do).
+    pub fn postgres_on(base_url: &str) -> Arc<TestDatabase> {
+        let base_url = base_url.trim_end_matches('/').to_string();
+        let name = unique_name("bc_it_");
+        psql(&base_url, &format!("CREATE DATABASE {name}"));
+        Arc::new(TestDatabase::Postgres { base_url, name })
+    }
+}
+
+impl Gateway {
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// SIGKILL, then the exit status: the process gets no chance to settle, report or flush anything.
+    pub fn kill(&mut self) -> ExitStatus {
+        if let Some(s) = self.process.exited {
+            return s;
+        }
+        let sent = Command::new("kill").args(["-KILL", &self.pid().to_string()]).status();
+        assert!(matches!(sent, Ok(s) if s.success()), "kill -KILL {} failed: {sent:?}", self.pid());
+        self.process.wait_exit(WAIT)
+    }
+}
+
+/// A loopback port that was free a moment ago (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("binding a port: {e}"));
+    listener.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("local address: {e}"))
+}
+
+/// Whether a test that needs `what` may run: `true` when `found`; otherwise it fails the test under
+/// `CI=true` (CI installs everything) and says loudly that it is skipped anywhere else.
+pub fn required(found: bool, what: &str) -> bool {
+    if !found {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "{what} is required in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: {what} is not available");
+    }
+    found
+}
+
+/// The first of `names` found as an executable in `PATH` or in one of `extra` folders.
+fn find_binary(names: &[&str], extra: &[PathBuf]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    dirs.extend(extra.iter().cloned());
+    dirs.iter().flat_map(|d| names.iter().map(move |n| d.join(n))).find(|p| p.is_file())
+}
+
+// ---------------------------------------------------------------- a Redis server of the test's own
+
+/// A `redis-server` child on a free loopback port, its data in a temporary folder: with
+/// [`Redis::persistent`] `appendonly yes` + `appendfsync always` (so `kill -9` and a restart keep every
+/// answered write, as production must run it), with [`Redis::volatile`] no persistence at all (a
+/// restart comes back empty). Killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+    persistent: bool,
+    bin: PathBuf,
+}
+
+impl Redis {
+    /// `None` (after saying so) when `redis-server` is not installed outside CI; fails the test in CI.
+    pub fn persistent() -> Option<Redis> {
+        Redis::start(true)
+    }
+
+    pub fn volatile() -> Option<Redis> {
+        Redis::start(false)
+    }
+
+    fn start(persistent: bool) -> Option<Redis> {
+        let bin = find_binary(&["redis-server"], &[]);
+        if !required(bin.is_some(), "redis-server") {
+            return None;
+        }
+        let bin = bin?;
+        let mut redis =
+            Redis { child: None, port: free_port(), dir: TempDir::new("bc-it-redis-"), persistent, bin };
+        redis.restart();
+        Some(redis)
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no shutdown save, no goodbye to clients.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on the same port and folder and waits until it answers `PING`
+    /// (after loading its append-only file, when persistent).
+    pub fn restart(&mut self) {
+        self.kill();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .arg("--logfile")
+            .arg(self.dir.path().join("redis.log"));
+        if self.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", self.bin.display())));
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if self.command("PING").is_ok_and(|r| r == "+PONG") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+                panic!("redis-server on port {} exited with {status}:\n{log}", self.port);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING in {WAIT:?}",
+                self.port
+            );
+            pause(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends one inline command (`FLUSHALL`, `DBSIZE`, …) and returns the first line of the reply.
+    pub fn command(&self, line: &str) -> io::Result<String> {
+        let mut stream =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], self.port).into(), Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(format!("{line}\r\n").as_bytes())?;
+        let mut reader = BufReader::new(stream);
+        read_line(&mut reader)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------- a Postgres cluster of the test's own
+
+/// A throwaway Postgres cluster (`initdb` + `pg_ctl`) on a free loopback port, its data and socket in
+/// a temporary folder, with trust authentication for `postgres` and a `test` database: for tests that
+/// stop the database under load (the machine's Postgres is never touched). As root, every command runs
+/// as the `postgres` user (`su`). Stopped (immediately) and removed on drop.
+pub struct PgCluster {
+    dir: TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    as_postgres: bool,
+    running: bool,
+}
+
+impl PgCluster {
+    /// `None` (after saying so) when `initdb`/`pg_ctl` are not installed outside CI; fails in CI.
+    pub fn start() -> Option<PgCluster> {
+        let mut extra: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|dirs| dirs.filter_map(Result::ok).map(|d| d.path().join("bin")).collect())
+            .unwrap_or_default();
+        extra.sort();
+        extra.reverse(); // the newest version first
+        let initdb = find_binary(&["initdb"], &extra);
+        if !required(initdb.is_some(), "initdb (postgresql server binaries)") {
+            return None;
+        }
+        let bin = initdb?.parent().map(Path::to_path_buf).unwrap_or_default();
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let cluster =
+            PgCluster { dir: TempDir::new("bc-it-pg-"), port: free_port(), bin, as_postgres, running: false };
+        if as_postgres {
+            let owned = Command::new("chown").arg("postgres").arg(cluster.dir.path()).status();
+            assert!(
+                matches!(owned, Ok(s) if s.success()),
+                "chown postgres {}: {owned:?}",
+                cluster.dir.path().display()
+            );
+        }
+        let data = cluster.dir.path().join("data");
+        cluster.run(&format!("{}/initdb -D {} -A trust -U postgres", cluster.bin.display(), data.display()));
+        let mut cluster = cluster;
+        cluster.start_again();
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", &format!("{}/postgres", cluster.base_url())])
+            .args(["-c", "CREATE DATABASE test"])
+            .stdin(Stdio::null())
+            .output();
+        assert!(matches!(&out, Ok(o) if o.status.success()), "creating database test: {out:?}");
+        Some(cluster)
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT`, for [`TestDatabase::postgres_on`].
+    pub fn base_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    fn run(&self, command: &str) {
+        let out = if self.as_postgres {
+            Command::new("su").args(["postgres", "-c", command]).stdin(Stdio::null()).output()
+        } else {
+            Command::new("sh").args(["-c", command]).stdin(Stdio::null()).output()
+        };
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "{command} failed:\n{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("{command} could not run: {e}"),
+        }
+    }
+
+    fn pg_ctl(&self, args: &str) -> String {
+        let d = self.dir.path().display();
+        format!("{}/pg_ctl -D {d}/data -l {d}/server.log {args}", self.bin.display())
+    }
+
+    /// `pg_ctl stop -m fast`: open connections are cut, the server is down until [`Self::start_again`].
+    pub fn stop(&mut self) {
+        self.run(&self.pg_ctl("-m fast -w -t 30 stop"));
+        self.running = false;
+    }
+
+    /// Starts the (stopped) server again on the same port and data, and waits until it accepts.
+    pub fn start_again(&mut self) {
+        let d = self.dir.path().display();
+        let opts = format!("-o '-p {} -k {d} -c listen_addresses=127.0.0.1 -c fsync=off'", self.port);
+        self.run(&self.pg_ctl(&format!("{opts} -w -t 30 start")));
+        self.running = true;
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if self.running {
+            let d = self.dir.path().display();
+            let cmd = format!("{}/pg_ctl -D {d}/data -m immediate -w -t 30 stop", self.bin.display());
+            let _ = if self.as_postgres {
+                Command::new("su").args(["postgres", "-c", &cmd]).stdin(Stdio::null()).output()
+            } else {
+                Command::new("sh").args(["-c", &cmd]).stdin(Stdio::null()).output()
+            };
+        }
+    }
+}
+
+// ---------------------------------------------------------------- a keep-alive HTTP/1.1 client
+
+/// One persistent HTTP/1.1 connection, for load: requests are sent one after another on it (no
+/// `Connection: close`), and it reconnects on the next request after the server closed it or a
+/// transport error (which is returned, never retried: the caller decides what an unknown outcome
+/// means).
+pub struct Client {
+    addr: SocketAddr,
+    conn: Option<BufReader<TcpStream>>,
+    read_timeout: Duration,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Client {
+        Client { addr, conn: None, read_timeout: WAIT }
+    }
+
+    /// Reads time out after `limit` (default [`WAIT`]).
+    pub fn with_read_timeout(mut self, limit: Duration) -> Client {
+        self.read_timeout = limit;
+        self
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `req` and reads the whole response.
+    pub fn send(&mut self, req: &HttpRequest) -> io::Result<Response> {
+        let result = self.exchange(req);
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    fn exchange(&mut self, req: &HttpRequest) -> io::Result<Response> {
+        let mut reader = match self.conn.take() {
+            Some(r) => r,
+            None => {
+                let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+                stream.set_read_timeout(Some(self.read_timeout))?;
+                stream.set_write_timeout(Some(WAIT))?;
+                stream.set_nodelay(true)?;
+                BufReader::new(stream)
+            }
+        };
+        let mut head = format!("{} {} HTTP/1.1\r\nHost: {}\r\n", req.method, req.path, self.addr);
+        for (k, v) in &req.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if !req.body.is_empty() || matches!(req.method.as_str(), "POST" | "PUT") {
+            head.push_str(&format!("Content-Length: {}\r\n", req.body.len()));
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(&req.body);
+        reader.get_mut().write_all(&bytes)?;
+        let mut stream = ResponseStream::read_head(reader)?;
+        let mut body = Vec::new();
+        while let Some(chunk) = stream.next_chunk()? {
+            body.extend_from_slice(&chunk);
+        }
+        let close = matches!(stream.framing, Framing::UntilClose { .. })
+            || stream.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let ResponseStream { status, headers, reader, .. } = stream;
+        if !close {
+            self.conn = Some(reader);
+        }
+        Ok(Response { status, headers, body })
+    }
+}
