@@ -188,6 +188,13 @@ pub struct LogEntry {
     pub ip: String,
     pub request_id: String,
     pub content: String,
+    /// Prompt tokens served from the provider's cache (priced with `CacheRatio`).
+    #[serde(default)]
+    pub cached_tokens: i64,
+    /// How the request was priced, as a JSON object (New API's `other`): `model_ratio`,
+    /// `completion_ratio`, `group_ratio`, `cache_ratio` or `model_price`, and `pre_deducted`.
+    #[serde(default)]
+    pub other: String,
 }
 
 #[cfg(test)]

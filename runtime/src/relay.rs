@@ -1006,6 +1006,7 @@ pub fn settle(
         .price
         .map(|p| p.quota_cached(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens))
         .unwrap_or(0);
+    let other = pricing_record(billed.price, billed.admission.pre_deducted);
     worker.billing.settle(billed.admission, quota, usage.prompt_tokens + usage.completion_tokens);
     let log = LogEntry {
         id: 0,
@@ -1030,8 +1031,29 @@ pub fn settle(
         } else {
             String::new()
         },
+        cached_tokens: usage.cached_tokens,
+        other,
     };
     worker.shared.storage.record(ConsumeEvent { log, quota });
+}
+
+/// The log's `other`: the ratios (or the per-call price) a request was charged with, and what was
+/// pre-deducted for it.
+fn pricing_record(price: Option<Price>, pre_deducted: i64) -> String {
+    let v = match price {
+        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio }) => serde_json::json!({
+            "model_ratio": model_ratio,
+            "completion_ratio": completion_ratio,
+            "group_ratio": group_ratio,
+            "cache_ratio": cache_ratio,
+            "pre_deducted": pre_deducted,
+        }),
+        Some(Price::PerCall { usd, group_ratio }) => {
+            serde_json::json!({"model_price": usd, "group_ratio": group_ratio, "pre_deducted": pre_deducted})
+        }
+        None => serde_json::json!({"free": true}),
+    };
+    v.to_string()
 }
 
 #[cfg(test)]

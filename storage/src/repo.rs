@@ -43,13 +43,13 @@ macro_rules! channel_cols {
 }
 macro_rules! log_insert_cols {
     () => {
-        r#"created_at, type, user_id, username, token_id, token_name, model_name, channel_id, quota, prompt_tokens, completion_tokens, use_time_ms, is_stream, "group", ip, request_id, content"#
+        r#"created_at, type, user_id, username, token_id, token_name, model_name, channel_id, quota, prompt_tokens, completion_tokens, use_time_ms, is_stream, "group", ip, request_id, content, cached_tokens, other"#
     };
 }
 
 /// Columns written per log row.
-const LOG_COLUMNS: usize = 17;
-/// Log rows per INSERT statement inside a batch (17 × 128 binds stays far below every backend's limit).
+const LOG_COLUMNS: usize = 19;
+/// Log rows per INSERT statement inside a batch (19 × 128 binds stays far below every backend's limit).
 const LOG_ROWS_PER_STATEMENT: usize = 128;
 /// Columns written per ability row.
 const ABILITY_COLUMNS: usize = 7;
@@ -796,6 +796,8 @@ fn bind_log(q: AnyQuery, log: &LogEntry) -> AnyQuery {
         .bind(clean(&log.ip))
         .bind(clean(&log.request_id))
         .bind(clean(&log.content))
+        .bind(log.cached_tokens)
+        .bind(clean(&log.other))
 }
 
 fn clean(s: &str) -> String {
@@ -933,6 +935,8 @@ fn log_from_row(row: &AnyRow) -> Result<LogEntry, StorageError> {
         ip: text(row, "ip")?,
         request_id: text(row, "request_id")?,
         content: text(row, "content")?,
+        cached_tokens: int(row, "cached_tokens")?,
+        other: text(row, "other")?,
     })
 }
 

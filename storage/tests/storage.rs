@@ -302,6 +302,8 @@ fn consume(
             ip: "127.0.0.1".into(),
             request_id: format!("req-{created_at}-{quota}"),
             content: String::new(),
+            cached_tokens: quota % 3,
+            other: format!(r#"{{"model_ratio":{quota}}}"#),
         },
         quota,
     }

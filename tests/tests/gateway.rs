@@ -118,6 +118,10 @@ fn a_chat_completion_is_relayed_with_the_channel_key_and_billed_by_the_configure
     assert_eq!((log["user_id"].as_i64(), log["token_id"].as_i64()), (Some(s.user), Some(s.key.id)));
     // round((13 + 7 × 3) × 2.5) = 85
     assert_eq!(log["quota"], 85, "log: {log}");
+    let priced: Value = serde_json::from_str(log["other"].as_str().unwrap()).unwrap();
+    assert_eq!((priced["model_ratio"].as_f64(), priced["completion_ratio"].as_f64()), (Some(2.5), Some(3.0)));
+    assert_eq!(priced["group_ratio"].as_f64(), Some(1.0));
+    assert!(priced["pre_deducted"].as_i64().unwrap() >= 85, "the pre-deduction covered the cost: {priced}");
 }
 
 #[test]
