@@ -1152,7 +1152,7 @@ fn a_stream_cut_by_the_upstream_takes_the_locally_counted_cost_from_the_balance_
     assert_eq!(l.balance + l.held, FUNDS - cost, "{l:?}");
 
     // A stream the upstream ends without usage is settled from local counts the same way.
-    stack.mock.behave(json!({"chunks": 4, "completion_tokens": 12}));
+    stack.mock.behave(json!({"chunks": 4, "completion_tokens": 12, "omit_usage": true}));
     let plain = HttpRequest::post("/v1/chat/completions").bearer(key).json(&stream(200)).send(gw.addr);
     assert_eq!(plain.status, 200);
     let plain_log = gw.consume_log(&request_id(&plain));
@@ -1323,4 +1323,161 @@ fn after_redis_loses_its_data_the_gateway_keeps_serving_and_reopens_accounts_at_
         eprintln!("after {phase}: reopened as {reopened:?}, at the end {l:?}, database quota {quota}");
         gw = stack.gateway(0);
     }
+}
+
+// ================================================================ more ways to stop
+
+/// `kill -SIG pid`.
+fn signal(pid: u32, sig: &str) {
+    let sent = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+    assert!(matches!(sent, Ok(s) if s.success()), "kill -{sig} {pid}: {sent:?}");
+}
+
+fn graceful_stop_under_load_loses_nothing(kind: LedgerKind) {
+    const FUNDS: i64 = 50_000_000;
+    let Some(stack) = Stack::new(kind, TestDatabase::new()) else { return };
+    let stack = stack.env("BURNCLOUD_DRAIN_TIMEOUT_MS", 10_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 20}));
+
+    let load = Load::start(gw.addr, &keys, 32, None);
+    load.wait_ok(2_000, Duration::from_secs(30));
+    let stopping = Instant::now();
+    let status = gw.terminate();
+    let stop_took = stopping.elapsed();
+    let tally = load.stop();
+
+    assert!(status.success(), "the gateway exited with {status:?} under load");
+    // After the stop, new connections are refused (transport errors); nothing else may fail.
+    tally.assert_only(&["0 transport error"]);
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&tally.ok_ids());
+    audit.assert_settled_user(user, FUNDS);
+    eprintln!("{kind:?}: SIGTERM under load: stopped in {stop_took:?}; answers {:?}", tally.by_answer());
+}
+
+#[test]
+fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_request_on_the_embedded_ledger() {
+    graceful_stop_under_load_loses_nothing(LedgerKind::Embedded);
+}
+
+#[test]
+fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_request_on_redis() {
+    graceful_stop_under_load_loses_nothing(LedgerKind::Redis);
+}
+
+#[test]
+fn a_paused_instance_is_fenced_by_its_sibling_and_once_resumed_pays_for_everything_it_served() {
+    const TTL_MS: u64 = 2_000;
+    const FUNDS: i64 = 50_000_000;
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
+    let mut a = stack.first_gateway();
+    let (shared, shared_keys) = user_with_keys(&a, FUNDS, 8, &[]);
+    let (paused, paused_keys) = user_with_keys(&a, FUNDS, 4, &[]);
+    let mut b = stack.gateway(1);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 3}));
+
+    let on_a = Load::start(a.addr, &shared_keys, 8, None);
+    let paused_on_a = Load::start(a.addr, &paused_keys, 4, None);
+    let on_b = Load::start(b.addr, &shared_keys, 8, None);
+    on_a.wait_ok(1_000, Duration::from_secs(30));
+    paused_on_a.wait_ok(500, Duration::from_secs(30));
+
+    // Stopped past its TTL, the instance is reaped by its sibling: its rows go back to the balances.
+    signal(a.pid(), "STOP");
+    let stopped_at = Instant::now();
+    let reaped =
+        wait_for(Duration::from_millis(TTL_MS * 4), "the paused instance's leases to be reaped", || {
+            let l = user_ledger(&b, paused);
+            (l.held == 0).then_some(l)
+        });
+    let reaped_after = stopped_at.elapsed();
+    assert!(reaped_after >= Duration::from_millis(TTL_MS * 8 / 10), "reaped after only {reaped_after:?}");
+    assert_eq!(reaped.balance + reaped.reported, FUNDS, "{reaped:?}");
+
+    // Resumed, it learns it was fenced, continues under a new id, and reports what it served as debt.
+    signal(a.pid(), "CONT");
+    let resumed_at = Instant::now();
+    let ok_at_resume = on_a.ok();
+    wait_for(Duration::from_secs(15), "the resumed instance to serve again", || {
+        (on_a.ok() > ok_at_resume + 200).then_some(())
+    });
+    let serving_after = resumed_at.elapsed();
+    let tallies = [on_a.stop(), paused_on_a.stop(), on_b.stop()];
+    assert!(a.terminate().success() && b.terminate().success());
+    let audit = stack.audit_after_stop(&[shared, paused], &[]);
+
+    let ok: Vec<String> = tallies.iter().flat_map(Tally::ok_ids).collect();
+    for t in &tallies {
+        t.assert_only(&["503 service_unavailable"]);
+    }
+    audit.assert_one_log_per_success(&ok);
+    audit.assert_settled_user(shared, FUNDS);
+    audit.assert_settled_user(paused, FUNDS);
+    eprintln!(
+        "paused: reaped after {reaped_after:?}, serving again {serving_after:?} after SIGCONT; answers {:?} {:?} {:?}",
+        tallies[0].by_answer(),
+        tallies[1].by_answer(),
+        tallies[2].by_answer()
+    );
+}
+
+#[test]
+fn a_redis_outage_longer_than_the_ttl_fences_the_instance_and_conservation_stays_exact() {
+    const TTL_MS: u64 = 2_000;
+    const WAIT_MS: u64 = 1_000;
+    const FUNDS: i64 = 50_000_000;
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
+    let mut stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS).env("BURNCLOUD_LEDGER_WAIT_MS", WAIT_MS);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 3}));
+
+    let load = Load::start(gw.addr, &keys, 16, None);
+    load.wait_ok(1_000, Duration::from_secs(30));
+    stack.redis().kill();
+    pause(Duration::from_millis(TTL_MS * 3 / 2));
+    stack.redis().restart();
+    let ok_at_restart = load.ok();
+    wait_for(Duration::from_secs(15), "service to resume", || {
+        (load.ok() > ok_at_restart + 500).then_some(())
+    });
+    let tally = load.stop();
+
+    tally.assert_only(&["503 service_unavailable"]);
+    assert!(
+        tally.max_latency() < Duration::from_millis(WAIT_MS + 1_500),
+        "a request waited {:?}",
+        tally.max_latency()
+    );
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&tally.ok_ids());
+    audit.assert_settled_user(user, FUNDS);
+    eprintln!("outage past the TTL: answers {:?}", tally.by_answer());
+}
+
+#[test]
+fn a_request_the_upstream_fails_is_not_charged_and_its_pre_deduction_comes_back_whole() {
+    const FUNDS: i64 = 100_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    stack.mock.behave(json!({"status": 500, "body": {"error": {"message": "down", "type": "server_error"}}}));
+
+    for _ in 0..5 {
+        assert_refused(&chat_request(&keys[0].key).send(gw.addr), 502, "upstream_error");
+    }
+    stack.mock.behave(json!({"fault": "close_before_response"}));
+    assert_refused(&chat_request(&keys[0].key).send(gw.addr), 502, "upstream_error");
+
+    let l = user_ledger(&gw, user);
+    assert_eq!(l.balance + l.held, FUNDS, "{l:?}");
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    assert!(audit.logs.is_empty(), "failed requests were logged: {:?}", audit.logs);
+    audit.assert_settled_user(user, FUNDS);
+    assert_eq!(audit.users[&user].balance, FUNDS);
 }
