@@ -456,14 +456,16 @@ impl Tally {
 }
 
 /// Checks `funds = balance + held + reported` on the ledger of `user` every few milliseconds while a
-/// load runs; reading the ledger is one atomic step, so every sample must be exact.
+/// load runs, `funds` being one of the funding totals the test grants (top-ups move it); reading
+/// the ledger is one atomic step, so every sample must be exact.
 struct ConservationWatch {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<(usize, Vec<Ledger>)>,
 }
 
 impl ConservationWatch {
-    fn start(gw_addr: SocketAddr, path: String, funds: i64) -> ConservationWatch {
+    fn start(gw_addr: SocketAddr, path: String, funds: &[i64]) -> ConservationWatch {
+        let funds = funds.to_vec();
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -486,7 +488,8 @@ impl ConservationWatch {
                         version: n("version"),
                     };
                     samples += 1;
-                    if l.opened && l.balance + l.held + l.reported != funds {
+                    if l.opened && (l.balance + l.held + l.reported != l.funded || !funds.contains(&l.funded))
+                    {
                         broken.push(l);
                     }
                 }
@@ -498,12 +501,12 @@ impl ConservationWatch {
     }
 
     /// Stops watching; fails if any sample broke conservation. Returns the number of samples.
-    fn finish(self, funds: i64) -> usize {
+    fn finish(self) -> usize {
         self.stop.store(true, Ordering::Relaxed);
         let (samples, broken) = self.thread.join().expect("the watch panicked");
         assert!(
             broken.is_empty(),
-            "{} of {samples} ledger samples broke funds {funds} = balance + held + reported: {:?}",
+            "{} of {samples} ledger samples broke funds = balance + held + reported: {:?}",
             broken.len(),
             &broken[..broken.len().min(5)]
         );
@@ -639,9 +642,9 @@ fn a_balance_short_of_the_pre_deduction_is_refused_with_403_insufficient_user_qu
 }
 
 #[test]
-fn a_key_with_limited_quota_is_refused_with_403_token_quota_exhausted_while_its_user_still_has_money() {
+fn a_limited_key_is_refused_with_403_token_quota_exhausted_while_its_user_has_money_until_raised() {
     let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let gw = stack.first_gateway();
+    let mut gw = stack.first_gateway();
     // Three requests of 12 leave 14 on the key, short of the next pre-deduction of 19.
     let (user, keys) = user_with_keys(&gw, 1_000_000, 1, &[50]);
     let key = &keys[0];
@@ -670,6 +673,21 @@ fn a_key_with_limited_quota_is_refused_with_403_token_quota_exhausted_while_its_
     // The key's owner is not limited by it: another key of the same user is served.
     let other = gw.create_token(user, json!({}));
     assert_eq!(chat_request(&other.key).send(gw.addr).status, 200);
+
+    // remain_quota raised by 100 (to 114): the key's ledger balance grows by 100 at once, and exactly
+    // eight more requests of 12 fit (114 − 8 × 12 = 18, short of 19).
+    let remain = gw.api("GET", &format!("/api/token/{}", key.id), None)["remain_quota"].as_i64().unwrap();
+    assert_eq!(remain, 14);
+    let before = key_ledger(&gw, key.id);
+    gw.api("PUT", &format!("/api/token/{}", key.id), Some(&json!({"remain_quota": 114})));
+    let after = key_ledger(&gw, key.id);
+    assert_eq!(after.balance - before.balance, 100, "{before:?} → {after:?}");
+    let more: Vec<u16> = (0..10).map(|_| chat_request(&key.key).send(gw.addr).status).collect();
+    assert_eq!(more, [200, 200, 200, 200, 200, 200, 200, 200, 403, 403]);
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[key.id]);
+    audit.assert_settled_key(key.id, 150);
+    assert_eq!(audit.keys[&key.id].balance, 150 - 11 * 12);
 }
 
 #[test]
@@ -743,9 +761,9 @@ fn many_keys_of_one_user_under_load_never_overspend(kind: LedgerKind) {
     stack.mock.behave(usage(PROMPT, COST - PROMPT));
 
     let started = Instant::now();
-    let watch = ConservationWatch::start(gw.addr, format!("/api/user/{user}/ledger"), FUNDS);
+    let watch = ConservationWatch::start(gw.addr, format!("/api/user/{user}/ledger"), &[FUNDS]);
     let tally = Load::start(gw.addr, &keys, CONNECTIONS, Some(REQUESTS)).join();
-    let samples = watch.finish(FUNDS);
+    let samples = watch.finish();
     let load_time = started.elapsed();
 
     tally.assert_only(&["403 insufficient_user_quota", "403 token_quota_exhausted"]);
@@ -793,22 +811,28 @@ fn twenty_thousand_requests_from_twenty_keys_of_one_user_never_overspend_on_redi
 // ================================================================ 5. two instances, one Redis
 
 #[test]
-fn two_instances_sharing_redis_under_load_on_both_never_overspend_one_user() {
+fn two_instances_sharing_redis_under_load_on_both_never_overspend_one_user_topped_up_mid_load() {
     const REQUESTS: usize = 10_000;
     const CONNECTIONS: usize = 48;
     const COST: i64 = PROMPT + 8;
-    const FUNDS: i64 = 300 * PRE;
+    const FIRST: i64 = 300 * PRE;
+    const TOP_UP: i64 = 200 * PRE;
+    const FUNDS: i64 = FIRST + TOP_UP;
     const KEY_LIMIT: i64 = 20 * PRE;
     let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
     let mut a = stack.first_gateway();
-    let (user, keys) = user_with_keys(&a, FUNDS, 20, &[KEY_LIMIT; 10]);
+    let (user, keys) = user_with_keys(&a, FIRST, 20, &[KEY_LIMIT; 10]);
     let mut b = stack.gateway(1);
     stack.mock.behave(usage(PROMPT, COST - PROMPT));
 
     let started = Instant::now();
-    let watch = ConservationWatch::start(b.addr, format!("/api/user/{user}/ledger"), FUNDS);
-    let tally = Load::start_on(&[a.addr, b.addr], &keys, CONNECTIONS, Some(REQUESTS)).join();
-    let samples = watch.finish(FUNDS);
+    let watch = ConservationWatch::start(b.addr, format!("/api/user/{user}/ledger"), &[FIRST, FUNDS]);
+    let load = Load::start_on(&[a.addr, b.addr], &keys, CONNECTIONS, Some(REQUESTS));
+    // Once most of the first funds are spent, a top-up at one instance funds both.
+    load.wait_ok(250, Duration::from_secs(30));
+    b.api("POST", &format!("/api/user/{user}/topup"), Some(&json!({"quota": TOP_UP})));
+    let tally = load.join();
+    let samples = watch.finish();
     let load_time = started.elapsed();
 
     tally.assert_only(&["403 insufficient_user_quota", "403 token_quota_exhausted"]);
@@ -954,18 +978,18 @@ fn a_killed_instance_leases_are_reaped_by_its_sibling_after_the_ttl_and_nothing_
         .flat_map(|t| t.ok_ids())
         .collect();
     let unanswered = logged.keys().filter(|id| !seen.contains(**id)).count();
-    // Served in the last 300 ms before the kill: more than the storage batch window (50 ms) and a
-    // batch's commit.
-    let recent = before_kill_a
+    // What dies with the process is the storage queue: the batch window (50 ms) and a commit in
+    // flight when the storage thread keeps up. Allowed here: a second of the instance's traffic.
+    let last_second = before_kill_a
         .all
         .iter()
         .chain(before_kill_doomed.all.iter())
-        .filter(|o| o.status == 200 && o.started + o.latency + Duration::from_millis(300) >= killed_at)
+        .filter(|o| o.status == 200 && o.started + o.latency + Duration::from_secs(1) >= killed_at)
         .count();
     assert!(
-        lost.len() <= recent,
-        "{} 200s of the killed instance lost their consume log, more than the {recent} it served in its last \
-         300 ms: the storage queue was behind by more than its batch window",
+        lost.len() <= last_second,
+        "{} 200s of the killed instance lost their consume log, more than the {last_second} it served in its \
+         last second: its storage queue was that far behind",
         lost.len()
     );
     let cut = before_kill_a.all.iter().chain(before_kill_doomed.all.iter()).filter(|o| o.status == 0).count();
@@ -997,8 +1021,8 @@ fn a_killed_instance_leases_are_reaped_by_its_sibling_after_the_ttl_and_nothing_
         eprintln!("user {user}: Σ logs {logs}, reported {}, forgotten by the kill {forgotten}", l.reported);
     }
     eprintln!(
-        "kill: reaped after {reaped_after:?}; {} 200s of the killed instance, {} without a log ({recent} in its last \
-         300 ms; its storage was {} events behind just before); {cut} requests cut; answers of the sibling {:?}",
+        "kill: reaped after {reaped_after:?}; {} 200s of the killed instance, {} without a log ({last_second} in its last \
+         second; its storage was {} events behind just before); {cut} requests cut; answers of the sibling {:?}",
         killed_ok.len(),
         lost.len(),
         doomed_ok_before as i64 - doomed_logged_before,
@@ -1480,4 +1504,34 @@ fn a_request_the_upstream_fails_is_not_charged_and_its_pre_deduction_comes_back_
     assert!(audit.logs.is_empty(), "failed requests were logged: {:?}", audit.logs);
     audit.assert_settled_user(user, FUNDS);
     assert_eq!(audit.users[&user].balance, FUNDS);
+}
+
+#[test]
+fn a_top_up_made_while_redis_is_down_reaches_the_ledger_once_it_is_back() {
+    const TTL_MS: u64 = 3_000;
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
+    let mut stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 1_000, 1, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200);
+    let before = user_ledger(&gw, user);
+
+    stack.redis().kill();
+    let topped = gw.api("POST", &format!("/api/user/{user}/topup"), Some(&json!({"quota": 5_000})));
+    assert_eq!(
+        topped["quota"],
+        1_000 - PRE + 5_000,
+        "the database takes the top-up while Redis is down: {topped}"
+    );
+    stack.redis().restart();
+    let after = wait_for(Duration::from_millis(TTL_MS * 2), "the top-up to reach the ledger", || {
+        let l = user_ledger(&gw, user);
+        (l.funded == 6_000).then_some(l)
+    });
+    assert_eq!(after.balance - before.balance, 5_000, "{before:?} → {after:?}");
+    assert_eq!(after.balance + after.held + after.reported, 6_000, "{after:?}");
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_settled_user(user, 6_000);
 }
