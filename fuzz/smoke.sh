@@ -3,7 +3,7 @@
 # from its seed corpus (two at a time, one per core), and fails if any target crashes, i.e. a property
 # it checks does not hold or the code under test panics or hangs.
 #
-#   fuzz/smoke.sh [SECONDS_PER_TARGET]     default 20, or $FUZZ_SECONDS
+#   fuzz/smoke.sh [SECONDS_PER_TARGET]     default 15, or $FUZZ_SECONDS
 #   FUZZ_HTTP=1 fuzz/smoke.sh              also http_chunked (builds burncloud-runtime: minutes more)
 #   FUZZ_KNOWN_BUGS=1 fuzz/smoke.sh        stop stepping around the known bugs listed in README.md
 #
@@ -11,7 +11,7 @@
 # directory, not to corpus/; crash inputs are written to fuzz/artifacts/<target>/ (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")"
-secs=${1:-${FUZZ_SECONDS:-20}}
+secs=${1:-${FUZZ_SECONDS:-15}}
 jobs=${FUZZ_JOBS:-2}
 
 targets=(sse_decoder stream_convert request_convert response_convert image_header)
