@@ -82,6 +82,8 @@ pub struct Leases {
     book: RefCell<LeaseBook>,
     /// The incarnation epoch the book follows.
     epoch: Cell<u64>,
+    /// Number of the last recall (of an overdrawn account) the book followed.
+    recall_seen: Cell<u64>,
     waiters: RefCell<HashMap<Account, Vec<oneshot::Sender<Wake>>>>,
     /// Calls sent and not answered yet.
     awaiting: RefCell<HashSet<CallId>>,
@@ -104,12 +106,14 @@ impl Leases {
         inbox: PumpInbox,
     ) -> Rc<Leases> {
         let incarnation = ledger.status.incarnation();
+        let recall_seq = ledger.status.recall_seq();
         let holder = HolderId { instance: incarnation.instance, worker };
         Rc::new(Leases {
             worker,
             ledger,
             book: RefCell::new(LeaseBook::new(holder, policy)),
             epoch: Cell::new(incarnation.epoch),
+            recall_seen: Cell::new(recall_seq),
             waiters: RefCell::default(),
             awaiting: RefCell::default(),
             resend_at: Cell::new(0),
@@ -165,6 +169,31 @@ impl Leases {
         if let Some(at) = status.acked_sent_at() {
             self.book.borrow_mut().heartbeat_acked(at);
         }
+        let recall_seq = status.recall_seq();
+        let seen = self.recall_seen.replace(recall_seq);
+        if recall_seq != seen {
+            self.follow_recalls(seen);
+        }
+    }
+
+    /// Gives back what the book holds of every account recalled after recall number `seen` (all of
+    /// them when the kept recalls no longer reach back that far).
+    fn follow_recalls(&self, seen: u64) {
+        let recalls = self.ledger.status.recalls();
+        let complete = recalls.entries.front().is_some_and(|(first, _)| *first <= seen + 1);
+        let mut book = self.book.borrow_mut();
+        if complete {
+            for (_, account) in recalls.entries.iter().filter(|(n, _)| *n > seen) {
+                book.recall(*account);
+            }
+        } else {
+            let held: Vec<Account> = book.accounts().map(|a| a.account()).collect();
+            for account in held {
+                book.recall(account);
+            }
+        }
+        drop(book);
+        self.kick();
     }
 
     /// Sets `amount` aside on `account` for one request: from the local lease when it suffices, else
@@ -206,6 +235,13 @@ impl Leases {
                 }
             }
         }
+    }
+
+    /// Gives back what this worker holds of `account` beyond its requests in flight (with the pump's
+    /// next call), so that the next request on it takes from the ledger's balance as it is now.
+    pub fn recall(&self, account: Account) {
+        self.book.borrow_mut().recall(account);
+        self.kick();
     }
 
     /// Charges a request's actual cost against its pre-deduction (reported by the pump's next rounds).

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,19 @@ pub struct Incarnation {
     pub wiped: bool,
 }
 
+/// Recalls kept for workers that have not looked yet; one that falls further behind recalls every
+/// account it holds.
+const RECALLS_KEPT: usize = 256;
+
+/// Accounts whose balance a funding left below zero (a lowered quota, a lowered key limit), numbered:
+/// every worker gives back what it holds of them, so money leased before the change is not spent
+/// after it.
+#[derive(Debug, Default)]
+pub struct Recalls {
+    /// `(number, account)`, oldest first, numbers consecutive.
+    pub entries: std::collections::VecDeque<(u64, Account)>,
+}
+
 /// What workers read of the ledger thread's state, without a message.
 #[derive(Debug)]
 pub struct LedgerStatus {
@@ -74,6 +87,9 @@ pub struct LedgerStatus {
     /// Process-clock time at which the last acknowledged heartbeat was sent; −1 before the first.
     acked_sent_at: AtomicI64,
     incarnation: ArcSwap<Incarnation>,
+    /// Number of the last recall published (0: none yet); a worker compares it with the last it saw.
+    recall_seq: AtomicU64,
+    recalls: ArcSwap<Recalls>,
 }
 
 impl LedgerStatus {
@@ -82,7 +98,31 @@ impl LedgerStatus {
             clock,
             acked_sent_at: AtomicI64::new(-1),
             incarnation: ArcSwap::from_pointee(Incarnation { epoch: 0, instance, wiped: false }),
+            recall_seq: AtomicU64::new(0),
+            recalls: ArcSwap::from_pointee(Recalls::default()),
         }
+    }
+
+    /// Number of the last recall published (cheap: one atomic load).
+    pub fn recall_seq(&self) -> u64 {
+        self.recall_seq.load(Ordering::Acquire)
+    }
+
+    /// The recalls still kept.
+    pub fn recalls(&self) -> Arc<Recalls> {
+        self.recalls.load_full()
+    }
+
+    /// Publishes a recall of `account` to every worker of the instance (ledger thread only).
+    fn publish_recall(&self, account: Account) {
+        let seq = self.recall_seq() + 1;
+        let mut entries = self.recalls.load().entries.clone();
+        entries.push_back((seq, account));
+        while entries.len() > RECALLS_KEPT {
+            entries.pop_front();
+        }
+        self.recalls.store(Arc::new(Recalls { entries }));
+        self.recall_seq.store(seq, Ordering::Release);
     }
 
     /// Milliseconds on the process clock every worker and the ledger thread share.
@@ -318,6 +358,9 @@ impl LedgerLoop {
             LedgerMsg::Fund(account, funding, reply) => {
                 let r = self.ledger.fund(account, funding);
                 self.note(&r);
+                if r.is_ok() {
+                    self.recall_if_overdrawn(account);
+                }
                 if r.is_err() {
                     let newest = self.pending_fundings.entry(account).or_insert(funding);
                     if funding.version > newest.version {
@@ -443,9 +486,35 @@ impl LedgerLoop {
     fn retry_fundings(&mut self) {
         let pending = std::mem::take(&mut self.pending_fundings);
         for (account, funding) in pending {
-            if let Err(e) = self.ledger.fund(account, funding) {
-                self.down(&e);
-                self.pending_fundings.insert(account, funding);
+            match self.ledger.fund(account, funding) {
+                Ok(()) => self.recall_if_overdrawn(account),
+                Err(e) => {
+                    self.down(&e);
+                    self.pending_fundings.insert(account, funding);
+                }
+            }
+        }
+    }
+
+    /// After a funding: when it left the account's balance below zero (the quota was lowered under
+    /// what the leases hold), every worker of this instance gives back what it holds of the account,
+    /// so money leased before the change is not spent after it. Other instances' workers give theirs
+    /// back when a request shows them the newer funding version (`Billing::follow_funding`), and
+    /// their ledger threads recall at their next reconciliation round at the latest.
+    fn recall_if_overdrawn(&mut self, account: Account) {
+        match self.ledger.audit(account) {
+            Ok(a) if a.opened && a.balance < 0 => {
+                tracing::debug!(
+                    ?account,
+                    balance = a.balance,
+                    "a funding left the balance below zero: recalling leases"
+                );
+                self.status.publish_recall(account);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let failed: Result<(), LedgerError> = Err(e);
+                self.note(&failed);
             }
         }
     }
@@ -467,6 +536,8 @@ impl LedgerLoop {
             if let Err(e) = self.ledger.fund(account, funding) {
                 return self.down(&e);
             }
+            // A lowered quota applied by another instance is seen here at the latest.
+            self.recall_if_overdrawn(account);
         }
     }
 

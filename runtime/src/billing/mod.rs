@@ -13,6 +13,8 @@ pub mod leases;
 pub mod ledger;
 pub mod limits;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
@@ -52,10 +54,16 @@ pub fn lease_policy(ttl: Duration) -> LeasePolicy {
     LeasePolicy { validity, ..LeasePolicy::default() }
 }
 
+/// Accounts whose funding version a worker remembers; past this many it starts over.
+const VERSIONS_KEPT: usize = 100_000;
+
 /// Billing state of one worker.
 pub struct Billing {
     pub leases: Rc<Leases>,
     pub limits: RateLimits,
+    /// The newest funding version (`quota_version`) requests showed for each account, to notice a
+    /// top-up or an edit made at any instance (its announcement refreshes the cached callers).
+    versions: RefCell<HashMap<Account, i64>>,
 }
 
 /// What an admitted request carries until it is settled. Dropped unsettled, its pre-deductions are
@@ -79,6 +87,23 @@ impl Billing {
         Billing {
             leases: Leases::new(worker, ledger.clone(), policy, settings.ledger_wait, pumps, inbox),
             limits: RateLimits::new(ledger.clone(), SharePolicy::default()),
+            versions: RefCell::default(),
+        }
+    }
+
+    /// A request shows `account` at funding `version`. Newer than this worker saw before, the funding
+    /// changed since its lease was taken (a quota lowered, perhaps at another instance): the lease is
+    /// given back, so what the account may spend now is decided by the ledger again.
+    fn follow_funding(&self, account: Account, version: i64) {
+        let mut versions = self.versions.borrow_mut();
+        if versions.len() >= VERSIONS_KEPT && !versions.contains_key(&account) {
+            versions.clear();
+        }
+        let seen = versions.entry(account).or_insert(version);
+        if version > *seen {
+            *seen = version;
+            drop(versions);
+            self.leases.recall(account);
         }
     }
 
@@ -106,8 +131,10 @@ impl Billing {
             return Ok(Admission { hold: None, tpm, pre_deducted: 0 });
         };
         let mut accounts = vec![Account::User(caller.user.id)];
+        self.follow_funding(Account::User(caller.user.id), caller.user.quota_version);
         if !token.unlimited_quota {
             accounts.push(Account::Key(token.id));
+            self.follow_funding(Account::Key(token.id), token.quota_version);
         }
         let hold = Hold::take(&self.leases, &accounts, amount)
             .await
