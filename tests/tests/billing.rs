@@ -1535,3 +1535,81 @@ fn a_top_up_made_while_redis_is_down_reaches_the_ledger_once_it_is_back() {
     let audit = stack.audit_after_stop(&[user], &[]);
     audit.assert_settled_user(user, 6_000);
 }
+
+#[test]
+fn lowering_a_users_quota_takes_effect_at_once_even_on_money_the_workers_hold_in_leases() {
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 1_000_000, 1, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..50 {
+        assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200);
+    }
+    let leased = user_ledger(&gw, user);
+    assert!(leased.held > 10 * PRE, "the workers hold leases: {leased:?}");
+
+    // Nothing left to spend: the leases the workers hold must not keep the user going.
+    gw.api("PUT", &format!("/api/user/{user}"), Some(&json!({"quota": 0})));
+    let after: Vec<u16> = (0..20).map(|_| chat_request(&keys[0].key).send(gw.addr).status).collect();
+
+    let served = after.iter().filter(|s| **s == 200).count();
+    assert!(
+        served <= 4,
+        "{served} of 20 requests were served after the quota was set to 0 (only those racing the recall's \
+         round trip may slip in): {after:?}"
+    );
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    let db = &audit.db_users[&user];
+    assert!(db["quota"].as_i64().unwrap() >= -2 * PRE, "the user's quota went to {}", db["quota"]);
+    audit.assert_settled_user(user, 50 * PRE);
+    eprintln!("quota set to 0 with {} leased: {served} more served, {after:?}", leased.held);
+}
+
+#[test]
+fn lowering_a_keys_remain_quota_takes_effect_at_once_even_on_money_the_workers_hold_in_leases() {
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
+    let gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 10_000_000, 1, &[1_000_000]);
+    let key = &keys[0];
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..50 {
+        assert_eq!(chat_request(&key.key).send(gw.addr).status, 200);
+    }
+    assert!(key_ledger(&gw, key.id).held > 10 * PRE);
+
+    gw.api("PUT", &format!("/api/token/{}", key.id), Some(&json!({"remain_quota": 1})));
+    let after: Vec<Response> = (0..20).map(|_| chat_request(&key.key).send(gw.addr)).collect();
+
+    let served = after.iter().filter(|r| r.status == 200).count();
+    assert!(served <= 4, "{served} of 20 requests were served after remain_quota was set to 1");
+    for r in after.iter().filter(|r| r.status != 200) {
+        assert_refused(r, 403, "token_quota_exhausted");
+    }
+    let u = user_ledger(&gw, user);
+    assert_eq!(u.balance + u.held + u.reported, 10_000_000, "{u:?}");
+}
+
+#[test]
+fn lowering_a_users_quota_at_one_instance_takes_effect_at_once_at_the_others() {
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let a = stack.first_gateway();
+    let (user, keys) = user_with_keys(&a, 1_000_000, 1, &[]);
+    let b = stack.gateway(1);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..50 {
+        assert_eq!(chat_request(&keys[0].key).send(b.addr).status, 200);
+    }
+
+    a.api("PUT", &format!("/api/user/{user}"), Some(&json!({"quota": 0})));
+    // The change is announced to b through Redis within milliseconds; b then reads the key's owner
+    // again, sees a newer funding version and gives its lease back.
+    pause(Duration::from_millis(200));
+    let after: Vec<u16> = (0..20).map(|_| chat_request(&keys[0].key).send(b.addr).status).collect();
+
+    let served = after.iter().filter(|s| **s == 200).count();
+    assert!(
+        served <= 4,
+        "{served} of 20 requests were served by the other instance after the quota was set to 0"
+    );
+}
