@@ -1078,6 +1078,19 @@ impl TestDatabase {
         TestDatabase::postgres_on(&base_url)
     }
 
+    /// As [`TestDatabase::postgres`], or `None` (after saying so) when that server cannot be reached
+    /// outside CI; fails the test in CI.
+    pub fn postgres_if_available() -> Option<Arc<TestDatabase>> {
+        let base_url = std::env::var("BURNCLOUD_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".into());
+        let reachable =
+            run_psql(base_url.trim_end_matches('/'), "SELECT 1").is_ok_and(|o| o.status.success());
+        required(reachable, &format!("Postgres at {base_url} (with a database named test)"))
+            .then(|| TestDatabase::postgres_on(&base_url))
+    }
+
     /// A fresh database on the Postgres server at `base_url` (`postgres://user@host:port`, which must
     /// have a database named `test` to connect to first, as the harness's own servers do).
     pub fn postgres_on(base_url: &str) -> Arc<TestDatabase> {

@@ -819,7 +819,8 @@ fn two_instances_sharing_redis_under_load_on_both_never_overspend_one_user_toppe
     const TOP_UP: i64 = 200 * PRE;
     const FUNDS: i64 = FIRST + TOP_UP;
     const KEY_LIMIT: i64 = 20 * PRE;
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
     let mut a = stack.first_gateway();
     let (user, keys) = user_with_keys(&a, FIRST, 20, &[KEY_LIMIT; 10]);
     let mut b = stack.gateway(1);
@@ -907,7 +908,8 @@ fn a_killed_instance_leases_are_reaped_by_its_sibling_after_the_ttl_and_nothing_
     const WORKERS: i64 = 2;
     const COST: i64 = PRE;
     const FUNDS: i64 = 50_000_000;
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
     let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
     let mut a = stack.first_gateway();
     // `shared` spends on both instances; `doomed` only on the instance that is killed.
@@ -1239,7 +1241,8 @@ fn a_key_limited_to_5_requests_per_minute_gets_exactly_5_across_two_workers_then
 
 #[test]
 fn a_requests_per_minute_limit_holds_across_two_instances_sharing_redis() {
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
     let a = stack.first_gateway();
     let user = a.create_user(json!({"quota": 1_000_000}));
     let key = a.create_token(user, json!({"rpm": 5}));
@@ -1395,7 +1398,8 @@ fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_requ
 fn a_paused_instance_is_fenced_by_its_sibling_and_once_resumed_pays_for_everything_it_served() {
     const TTL_MS: u64 = 2_000;
     const FUNDS: i64 = 50_000_000;
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
     let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
     let mut a = stack.first_gateway();
     let (shared, shared_keys) = user_with_keys(&a, FUNDS, 8, &[]);
@@ -1592,7 +1596,8 @@ fn lowering_a_keys_remain_quota_takes_effect_at_once_even_on_money_the_workers_h
 
 #[test]
 fn lowering_a_users_quota_at_one_instance_takes_effect_at_once_at_the_others() {
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::postgres()) else { return };
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
     let a = stack.first_gateway();
     let (user, keys) = user_with_keys(&a, 1_000_000, 1, &[]);
     let b = stack.gateway(1);
@@ -1612,4 +1617,55 @@ fn lowering_a_users_quota_at_one_instance_takes_effect_at_once_at_the_others() {
         served <= 4,
         "{served} of 20 requests were served by the other instance after the quota was set to 0"
     );
+}
+
+// ================================================================ what the pre-deduction is
+
+/// Sends `body` with `key` and says whether it was served (200) or refused for the user's balance.
+fn served(gw: &Gateway, key: &str, body: &Value) -> bool {
+    let r = gw.chat(key, body);
+    match r.status {
+        200 => true,
+        403 if code_of(&r) == "insufficient_user_quota" => false,
+        _ => panic!("neither served nor refused for the balance: HTTP {} {}", r.status, r.text()),
+    }
+}
+
+#[test]
+fn the_pre_deduction_follows_max_tokens_pre_deduct_max_tokens_group_ratios_and_per_call_prices() {
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let gw = stack.first_gateway();
+    gw.create_channel(
+        json!({"base_url": stack.mock.base_url(), "models": "gpt-call", "group": "default,vip"}),
+    );
+    gw.create_channel(json!({"base_url": stack.mock.base_url(), "models": MODEL, "group": "vip"}));
+    gw.put_option("ModelPrice", &json!({"gpt-call": 0.001}).to_string()); // 500 quota per call
+    gw.put_option("GroupRatio", &json!({"default": 1, "vip": 2}).to_string());
+    stack.mock.behave(usage(1, 1));
+    let no_max = json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]});
+    let call = json!({"model": "gpt-call", "messages": [{"role": "user", "content": "Say hello"}]});
+    // A fresh user (so nothing is leased yet) with exactly `quota`, and its key.
+    let fresh = |group: &str, quota: i64| {
+        let user = gw.create_user(json!({"quota": quota, "group": group}));
+        gw.create_token(user, json!({})).key
+    };
+
+    // Without max_tokens: the prompt plus PreDeductMaxTokens (1024 by default) completion tokens.
+    assert!(!served(&gw, &fresh("default", PROMPT + 1024 - 1), &no_max));
+    assert!(served(&gw, &fresh("default", PROMPT + 1024), &no_max));
+    gw.put_option("PreDeductMaxTokens", "100");
+    assert!(!served(&gw, &fresh("default", PROMPT + 100 - 1), &no_max));
+    assert!(served(&gw, &fresh("default", PROMPT + 100), &no_max));
+    // A group ratio multiplies the pre-deduction.
+    assert!(!served(&gw, &fresh("vip", 2 * PRE - 1), &ask()));
+    assert!(served(&gw, &fresh("vip", 2 * PRE), &ask()));
+    // A per-call price is the pre-deduction and the cost, times the group ratio.
+    let key = fresh("default", 1_000);
+    assert!(served(&gw, &key, &call) && served(&gw, &key, &call) && !served(&gw, &key, &call));
+    let vip = fresh("vip", 1_999);
+    assert!(served(&gw, &vip, &call) && !served(&gw, &vip, &call));
+    let mut charged: Vec<i64> =
+        consume_logs(&gw, "model=gpt-call").iter().map(|l| l["quota"].as_i64().unwrap()).collect();
+    charged.sort();
+    assert_eq!(charged, [500, 500, 1_000]);
 }
