@@ -1669,3 +1669,41 @@ fn the_pre_deduction_follows_max_tokens_pre_deduct_max_tokens_group_ratios_and_p
     charged.sort();
     assert_eq!(charged, [500, 500, 1_000]);
 }
+
+#[test]
+fn when_redis_loses_its_data_under_load_no_request_is_charged_twice() {
+    const FUNDS: i64 = 50_000_000;
+    let Some(redis) = Redis::volatile() else { return };
+    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
+        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 5}));
+
+    let load = Load::start(gw.addr, &keys, 32, None);
+    load.wait_ok(2_000, Duration::from_secs(30));
+    assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
+    load.wait_ok(2_000, Duration::from_secs(30));
+    let tally = load.stop();
+
+    tally.assert_only(&["503 service_unavailable"]);
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&tally.ok_ids());
+    let l = audit.users[&user];
+    let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
+    assert_eq!(quota, FUNDS - audit.spent_by_user(user));
+    assert_eq!(l.held, 0, "{l:?}");
+    // The reopened account may have missed spend still in the storage queue (in the user's favour),
+    // never count a request twice.
+    assert!(
+        l.balance >= quota,
+        "the ledger holds {} less than the database: requests were charged twice: {l:?}",
+        quota - l.balance
+    );
+    eprintln!(
+        "FLUSHALL under load: ledger {l:?}, database quota {quota} (ledger − database = {}); answers {:?}",
+        l.balance - quota,
+        tally.by_answer()
+    );
+}
