@@ -1707,3 +1707,57 @@ fn when_redis_loses_its_data_under_load_no_request_is_charged_twice() {
         tally.by_answer()
     );
 }
+
+#[test]
+fn a_client_that_hangs_up_is_still_billed_for_what_the_upstream_produced() {
+    const FUNDS: i64 = 100_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    let key = &keys[0].key;
+
+    // Mid-stream: billed for the prompt and the completion delivered before the gateway noticed.
+    stack.mock.behave(json!({"chunks": 10, "chunk_gap_ms": 100, "completion_tokens": 50}));
+    let body = json!({"model": MODEL, "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "Say hello"}]});
+    let mut stream = HttpRequest::post("/v1/chat/completions").bearer(key).json(&body).open(gw.addr).unwrap();
+    let streamed = stream.header("x-request-id").unwrap().to_string();
+    for _ in 0..3 {
+        stream.next_event().unwrap();
+    }
+    drop(stream);
+    let log = wait_for(Duration::from_secs(5), "the abandoned stream's consume log", || {
+        consume_logs(&gw, "").into_iter().find(|l| l["request_id"] == json!(streamed))
+    });
+    let stream_cost = log["quota"].as_i64().unwrap();
+    assert!(
+        stream_cost > PROMPT && stream_cost < PROMPT + 50,
+        "billed {stream_cost} for a stream abandoned after 3 of 10 chunks: {log}"
+    );
+
+    // Before the answer: the request runs to its end and is billed in full.
+    stack.mock.behave(json!({"latency_ms": 500, "prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS}));
+    let mut raw = std::net::TcpStream::connect(gw.addr).unwrap();
+    let payload = ask().to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    );
+    std::io::Write::write_all(&mut raw, format!("{head}{payload}").as_bytes()).unwrap();
+    pause(Duration::from_millis(100));
+    drop(raw);
+    let logs = wait_for(Duration::from_secs(5), "the abandoned request's consume log", || {
+        let logs = consume_logs(&gw, "");
+        (logs.len() == 2).then_some(logs)
+    });
+    assert!(logs.iter().any(|l| l["quota"] == PRE), "{logs:?}");
+
+    let spent = stream_cost + PRE;
+    wait_for(Duration::from_secs(5), "both to be reported", || {
+        (user_ledger(&gw, user).reported == spent).then_some(())
+    });
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_settled_user(user, FUNDS);
+    assert_eq!(audit.users[&user].balance, FUNDS - spent);
+}
