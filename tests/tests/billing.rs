@@ -1761,3 +1761,45 @@ fn a_client_that_hangs_up_is_still_billed_for_what_the_upstream_produced() {
     audit.assert_settled_user(user, FUNDS);
     assert_eq!(audit.users[&user].balance, FUNDS - spent);
 }
+
+#[test]
+fn a_small_balance_is_spent_to_the_last_request_by_concurrent_clients_on_four_workers() {
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let stack = stack.env("BURNCLOUD_WORKERS", 4);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 10 * PRE, 4, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+
+    // Short connections: the requests land on all four workers.
+    let ok = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let (addr, key, ok) = (gw.addr, keys[i % 4].key.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                for _ in 0..10 {
+                    let r = chat_request(&key).send(addr);
+                    if r.status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    answers.push((r.status, code_of(&r)));
+                }
+                answers
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(refused.iter().all(|(s, c)| *s == 403 && c == "insufficient_user_quota"), "{refused:?}");
+    assert_eq!(
+        ok.load(Ordering::Relaxed),
+        10,
+        "ten requests' worth of balance served {} requests",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_settled_user(user, 10 * PRE);
+    assert_eq!(audit.users[&user].balance, 0);
+}
