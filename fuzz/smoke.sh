@@ -5,7 +5,6 @@
 #
 #   fuzz/smoke.sh [SECONDS_PER_TARGET]     default 15, or $FUZZ_SECONDS
 #   FUZZ_HTTP=1 fuzz/smoke.sh              also http_chunked (builds burncloud-runtime: minutes more)
-#   FUZZ_KNOWN_BUGS=1 fuzz/smoke.sh        stop stepping around the known bugs listed in README.md
 #
 # Stable Rust: no sanitizer (-s none), which needs no nightly flags. New corpus entries go to a scratch
 # directory, not to corpus/; crash inputs are written to fuzz/artifacts/<target>/ (ignored by git).

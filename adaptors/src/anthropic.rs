@@ -228,7 +228,7 @@ impl From<WireUsage> for Usage {
         let cached = w.cache_read_input_tokens.unwrap_or(0);
         let creation = w.cache_creation_input_tokens.unwrap_or(0);
         Usage {
-            prompt_tokens: w.input_tokens.unwrap_or(0) + cached + creation,
+            prompt_tokens: w.input_tokens.unwrap_or(0).saturating_add(cached).saturating_add(creation),
             completion_tokens: w.output_tokens.unwrap_or(0),
             total_tokens: 0,
             cached_tokens: cached,

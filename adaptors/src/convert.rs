@@ -103,7 +103,7 @@ pub fn convert_request(
     if from == to {
         let (body, stream) = match from {
             Protocol::Gemini => {
-                serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(ConvertError::not_json)?;
+                gemini::check_request(body)?;
                 (Bytes::copy_from_slice(body), opts.stream.unwrap_or(false))
             }
             Protocol::OpenAi | Protocol::Anthropic => {
@@ -422,6 +422,47 @@ mod tests {
             assert!(text.contains("\"content\":\"Hi\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
             assert_eq!(c.usage().map(|u| (u.prompt_tokens, u.completion_tokens)), Some((7, 2)));
         }
+    }
+
+    #[test]
+    fn a_gemini_pass_through_refuses_what_is_not_a_json_object_of_valid_text() {
+        for bad in
+            [&b"\"\\ud800\""[..], b"\"\xff\"", b"1", b"{\"contents\": \"\\ud800\"}", b"{\"a\": \"\xff\"}"]
+        {
+            assert!(
+                convert_request(Protocol::Gemini, Protocol::Gemini, bad, "g", &opts()).is_err(),
+                "{bad:?}"
+            );
+        }
+        assert!(
+            convert_request(Protocol::Gemini, Protocol::Gemini, br#"{"contents":[]}"#, "g", &opts()).is_ok()
+        );
+    }
+
+    #[test]
+    fn usage_counts_near_the_integer_limit_saturate() {
+        let huge = format!(
+            r#"{{"usage":{{"prompt_tokens":{},"completion_tokens":{}}},"choices":[]}}"#,
+            i64::MAX,
+            i64::MAX
+        );
+        let u = response_usage(Protocol::OpenAi, huge.as_bytes()).unwrap();
+        assert_eq!(u.total_tokens, i64::MAX);
+        let anthropic = format!(
+            r#"{{"type":"message","content":[],"usage":{{"input_tokens":{},"cache_read_input_tokens":{},"output_tokens":1}}}}"#,
+            i64::MAX,
+            i64::MAX
+        );
+        assert_eq!(
+            response_usage(Protocol::Anthropic, anthropic.as_bytes()).unwrap().prompt_tokens,
+            i64::MAX
+        );
+        let gemini = format!(
+            r#"{{"candidates":[],"usageMetadata":{{"promptTokenCount":{},"toolUsePromptTokenCount":{},"candidatesTokenCount":1}}}}"#,
+            i64::MAX,
+            i64::MAX
+        );
+        assert_eq!(response_usage(Protocol::Gemini, gemini.as_bytes()).unwrap().prompt_tokens, i64::MAX);
     }
 
     #[test]

@@ -240,8 +240,11 @@ impl From<UsageMetadata> for Usage {
     fn from(w: UsageMetadata) -> Usage {
         let thoughts = w.thoughts_token_count.unwrap_or(0);
         Usage {
-            prompt_tokens: w.prompt_token_count.unwrap_or(0) + w.tool_use_prompt_token_count.unwrap_or(0),
-            completion_tokens: w.candidates_token_count.unwrap_or(0) + thoughts,
+            prompt_tokens: w
+                .prompt_token_count
+                .unwrap_or(0)
+                .saturating_add(w.tool_use_prompt_token_count.unwrap_or(0)),
+            completion_tokens: w.candidates_token_count.unwrap_or(0).saturating_add(thoughts),
             total_tokens: w.total_token_count.unwrap_or(0),
             cached_tokens: w.cached_content_token_count.unwrap_or(0),
             cache_creation_tokens: 0,
@@ -272,6 +275,15 @@ struct WithUsage {
 }
 
 /// Usage from a complete `generateContent` response body, when present.
+
+/// Checks that a Gemini request body forwarded as is is a JSON object with valid text: every string
+/// UTF-8 and every escape well-formed (a skim would let a lone surrogate or a stray byte through).
+pub fn check_request(body: &[u8]) -> Result<(), ConvertError> {
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body)
+        .map(|_| ())
+        .map_err(ConvertError::not_json)
+}
+
 pub fn response_usage(body: &[u8]) -> Option<Usage> {
     let parsed: WithUsage = serde_json::from_slice(body).ok()?;
     parsed.usage_metadata.map(Usage::from)

@@ -66,7 +66,7 @@ impl Usage {
     /// Fills `total_tokens` when the provider left it out.
     pub(crate) fn with_total(mut self) -> Usage {
         if self.total_tokens == 0 {
-            self.total_tokens = self.prompt_tokens + self.completion_tokens;
+            self.total_tokens = self.prompt_tokens.saturating_add(self.completion_tokens);
         }
         self
     }

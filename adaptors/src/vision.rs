@@ -179,7 +179,8 @@ pub fn gemini_image_tokens(width: u32, height: u32) -> u32 {
     if width <= 384 && height <= 384 {
         return 258;
     }
-    258 * width.div_ceil(768).max(1) * height.div_ceil(768).max(1)
+    let tiles = u64::from(width.div_ceil(768).max(1)) * u64::from(height.div_ceil(768).max(1));
+    u32::try_from(tiles.saturating_mul(258)).unwrap_or(u32::MAX)
 }
 
 /// The prompt tokens an image of this size costs on an upstream speaking `upstream`.
@@ -227,6 +228,13 @@ mod tests {
     use base64::engine::general_purpose::STANDARD;
 
     use super::*;
+
+    #[test]
+    fn gemini_tokens_of_absurd_sides_saturate_instead_of_overflowing() {
+        assert_eq!(gemini_image_tokens(536_879_106, 1_476_788_224), u32::MAX);
+        assert_eq!(image_tokens(Protocol::Gemini, u32::MAX, u32::MAX, None), u32::MAX);
+        assert_eq!(gemini_image_tokens(1536, 768), 2 * 258);
+    }
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let mut b = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();

@@ -8,7 +8,7 @@
 
 use burncloud_adaptors::convert::decode_request;
 use burncloud_adaptors::{Protocol, RequestOptions, convert_request, summarize_request, upstream_path};
-use burncloud_fuzz::{name, protocol_pair, skip_known_bugs};
+use burncloud_fuzz::{name, protocol_pair};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
@@ -31,11 +31,6 @@ fuzz_target!(|data: &[u8]| {
 
     let json: Value = match serde_json::from_slice(&out.body) {
         Ok(v) => v,
-        // KNOWN BUG (artifacts-found/request_convert/gemini-passthrough-*): the Gemini-to-Gemini
-        // pass-through checks the body with `IgnoredAny`, which skips strings without validating their
-        // UTF-8 or their escapes, so bodies such as `"\xff"` or `"\ud800"` are accepted and forwarded
-        // although they are not JSON.
-        Err(_) if skip_known_bugs() && (from, to) == (Protocol::Gemini, Protocol::Gemini) => return,
         Err(e) => panic!("{from:?}->{to:?} produced a body that is not JSON ({e}): {:?}", out.body),
     };
     assert_eq!(out.path, upstream_path(to, model, out.stream), "path and stream flag disagree");

@@ -1,8 +1,6 @@
 //! Helpers shared by the fuzz targets: turning the front of a fuzz input into choices (a protocol
 //! pair, split points) and the rest into the payload under test.
 
-use std::sync::OnceLock;
-
 use burncloud_adaptors::Protocol;
 
 /// Every protocol, in a fixed order.
@@ -22,27 +20,6 @@ pub const NAMES: [&str; 6] =
 /// A name from [`NAMES`].
 pub fn name(selector: u8) -> &'static str {
     NAMES[usize::from(selector) % NAMES.len()]
-}
-
-/// Whether the targets step around the known bugs listed in README.md (each with its input under
-/// `artifacts-found/`), so that they keep looking for new ones. On by default; run with
-/// `FUZZ_KNOWN_BUGS=1` to have the known bugs fail again, e.g. to check a fix.
-pub fn skip_known_bugs() -> bool {
-    static SKIP: OnceLock<bool> = OnceLock::new();
-    *SKIP.get_or_init(|| std::env::var_os("FUZZ_KNOWN_BUGS").is_none_or(|v| v.is_empty() || v == "0"))
-}
-
-/// Whether `bytes` hold an integer literal of 19 or more digits: the only token counts whose sums can
-/// overflow `i64` (the known bug in the usage arithmetic, see README.md).
-pub fn has_huge_integer(bytes: &[u8]) -> bool {
-    let mut run = 0;
-    for b in bytes {
-        run = if b.is_ascii_digit() { run + 1 } else { 0 };
-        if run >= 19 {
-            return true;
-        }
-    }
-    false
 }
 
 /// Splits `data` into a chunking description and a payload: the low nibble of the first byte is how

@@ -327,8 +327,8 @@ fn presented_key(req: &Request) -> Option<String> {
 pub fn decode(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, GatewayError> {
     let invalid = |m: String| GatewayError::client(ErrorKind::InvalidRequest, m);
     if let Endpoint::Gemini { model, stream } = endpoint {
-        serde_json::from_slice::<serde::de::IgnoredAny>(body)
-            .map_err(|e| invalid(format!("request body is not valid JSON: {e}")))?;
+        burncloud_adaptors::gemini::check_request(body)
+            .map_err(|e| invalid(format!("request body is not a valid JSON object: {e}")))?;
         return Ok(RequestInfo { model: model.clone(), stream: *stream, include_usage: false });
     }
     let info = openai::request_info(body).map_err(|e| invalid(e.to_string()))?;
