@@ -274,8 +274,6 @@ struct WithUsage {
     usage_metadata: Option<UsageMetadata>,
 }
 
-/// Usage from a complete `generateContent` response body, when present.
-
 /// Checks that a Gemini request body forwarded as is is a JSON object with valid text: every string
 /// UTF-8 and every escape well-formed (a skim would let a lone surrogate or a stray byte through).
 pub fn check_request(body: &[u8]) -> Result<(), ConvertError> {
@@ -284,6 +282,7 @@ pub fn check_request(body: &[u8]) -> Result<(), ConvertError> {
         .map_err(ConvertError::not_json)
 }
 
+/// Usage from a complete `generateContent` response body, when present.
 pub fn response_usage(body: &[u8]) -> Option<Usage> {
     let parsed: WithUsage = serde_json::from_slice(body).ok()?;
     parsed.usage_metadata.map(Usage::from)

@@ -70,12 +70,6 @@ mod tests {
     }
 
     #[test]
-    fn huge_integers_are_found() {
-        assert!(has_huge_integer(b"{\"input_tokens\":9223372036854775807}"));
-        assert!(!has_huge_integer(b"{\"input_tokens\":922337203685477580,\"x\":1}"));
-    }
-
-    #[test]
     fn all_nine_pairs_are_reachable() {
         let pairs: std::collections::HashSet<_> = (0..9).map(|i| format!("{:?}", protocol_pair(i))).collect();
         assert_eq!(pairs.len(), 9);
