@@ -163,6 +163,8 @@ pub struct UpstreamResponse {
 }
 
 const DNS_TTL: Duration = Duration::from_secs(60);
+/// Request bodies up to this size are sent in the same write as the head.
+const COALESCE_BODY_BYTES: usize = 64 * 1024;
 
 impl Client {
     pub fn new(settings: ClientSettings, tls: Arc<ClientConfig>) -> Client {
@@ -201,6 +203,16 @@ impl Client {
         head: Bytes,
         body: Bytes,
     ) -> Result<UpstreamResponse, (UpstreamError, bool)> {
+        // A small body goes out with the head in one send: one packet and one wake-up of the upstream
+        // instead of two (the common case: chat requests are a few KiB).
+        let (head, body) = if !body.is_empty() && body.len() <= COALESCE_BODY_BYTES {
+            let mut one = BytesMut::with_capacity(head.len() + body.len());
+            one.extend_from_slice(&head);
+            one.extend_from_slice(&body);
+            (one.freeze(), Bytes::new())
+        } else {
+            (head, body)
+        };
         if let Err(e) = conn.write_all(head).await {
             return Err((UpstreamError::Io(e), true));
         }
