@@ -18,8 +18,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use burncloud_core::lease::{
-    Account, CallId, HolderId, LeaseBook, LeasePolicy, LedgerCall, LedgerError, Millis, NotAdmitted,
-    PreDeduction, ReplyEffect,
+    Account, CallId, HolderId, InstanceId, LeaseBook, LeasePolicy, LedgerCall, LedgerError, Millis,
+    NotAdmitted, PreDeduction, ReplyEffect,
 };
 use burncloud_core::model::Quota;
 use futures_channel::{mpsc, oneshot};
@@ -84,6 +84,9 @@ pub struct Leases {
     epoch: Cell<u64>,
     /// Number of the last recall (of an overdrawn account) the book followed.
     recall_seen: Cell<u64>,
+    /// The instance ids the book has spent under since the ledger last lost its state. A
+    /// pre-deduction from any other id was made before the loss: it is settled against nothing.
+    since_wipe: RefCell<Vec<InstanceId>>,
     waiters: RefCell<HashMap<Account, Vec<oneshot::Sender<Wake>>>>,
     /// Calls sent and not answered yet.
     awaiting: RefCell<HashSet<CallId>>,
@@ -114,6 +117,7 @@ impl Leases {
             book: RefCell::new(LeaseBook::new(holder, policy)),
             epoch: Cell::new(incarnation.epoch),
             recall_seen: Cell::new(recall_seq),
+            since_wipe: RefCell::new(vec![incarnation.instance]),
             waiters: RefCell::default(),
             awaiting: RefCell::default(),
             resend_at: Cell::new(0),
@@ -154,13 +158,20 @@ impl Leases {
             {
                 let mut book = self.book.borrow_mut();
                 if inc.wiped {
-                    // The ledger forgot every lease; requests in flight settle as debts on new rows.
+                    // The ledger forgot every lease, and the accounts are opened again from the
+                    // database, whose consume events include the requests in flight now: those
+                    // settle against nothing (charged to the new rows as well, a request whose
+                    // event is committed before the reopening would be paid twice).
                     let policy = *book.policy();
                     *book = LeaseBook::new(holder, policy);
                     self.awaiting.borrow_mut().clear();
+                    *self.since_wipe.borrow_mut() = vec![inc.instance];
                 } else {
+                    // Fenced: requests admitted before settle as debts on the new rows (the reclaim
+                    // returned their pre-deductions to the balances).
                     book.fence();
                     book.reincarnate(inc.instance);
+                    self.since_wipe.borrow_mut().push(inc.instance);
                 }
             }
             self.epoch.set(inc.epoch);
@@ -246,12 +257,20 @@ impl Leases {
 
     /// Charges a request's actual cost against its pre-deduction (reported by the pump's next rounds).
     pub fn settle(&self, pre: PreDeduction, actual: Quota) {
+        if !self.since_wipe.borrow().contains(&pre.holder().instance) {
+            // Admitted before the ledger lost its state: the reopened account counts it from the
+            // database (or, committed after the reopening, misses it: in the user's favour).
+            return;
+        }
         let now = self.now();
         self.book.borrow_mut().settle(pre, actual, now);
     }
 
     /// Gives a pre-deduction back whole.
     pub fn refund(&self, pre: PreDeduction) {
+        if !self.since_wipe.borrow().contains(&pre.holder().instance) {
+            return;
+        }
         let now = self.now();
         self.book.borrow_mut().refund(pre, now);
     }
