@@ -1803,3 +1803,56 @@ fn a_small_balance_is_spent_to_the_last_request_by_concurrent_clients_on_four_wo
     audit.assert_settled_user(user, 10 * PRE);
     assert_eq!(audit.users[&user].balance, 0);
 }
+
+#[test]
+fn requests_in_flight_when_redis_loses_its_data_are_not_charged_twice_when_the_account_is_reopened() {
+    const FUNDS: i64 = 1_000_000;
+    const IN_FLIGHT: usize = 32;
+    let Some(redis) = Redis::volatile() else { return };
+    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
+        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    let key = keys[0].key.clone();
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..4 {
+        assert_eq!(chat_request(&key).send(gw.addr).status, 200);
+    }
+
+    // Requests admitted from the old leases, still at the upstream when the ledger loses its data;
+    // the gateway notices (a heartbeat a tenth of the TTL later) before they settle.
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 600}));
+    let in_flight: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (addr, key) = (gw.addr, key.clone());
+            std::thread::spawn(move || chat_request(&key).send(addr))
+        })
+        .collect();
+    pause(Duration::from_millis(150));
+    assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
+    for t in in_flight {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Their consume events reach the database; then the account is reopened from it.
+    wait_for(Duration::from_secs(5), "the consume events to be committed", || {
+        (consume_logs(&gw, "").len() == 4 + IN_FLIGHT).then_some(())
+    });
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..4 {
+        assert_eq!(chat_request(&key).send(gw.addr).status, 200);
+    }
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+
+    let l = audit.users[&user];
+    let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
+    assert_eq!(quota, FUNDS - (8 + IN_FLIGHT as i64) * PRE);
+    assert_eq!(l.held, 0, "{l:?}");
+    assert_eq!(
+        l.balance,
+        quota,
+        "the reopened ledger and the database disagree by {}: {l:?}",
+        quota - l.balance
+    );
+}
