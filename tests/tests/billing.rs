@@ -1856,3 +1856,46 @@ fn requests_in_flight_when_redis_loses_its_data_are_not_charged_twice_when_the_a
         quota - l.balance
     );
 }
+
+#[test]
+fn after_a_sigkill_on_the_embedded_ledger_the_restarted_process_reaps_its_predecessors_leases_after_the_ttl()
+{
+    const TTL_MS: u64 = 1_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
+    let mut gw = stack.first_gateway();
+    // Ten requests' worth: the first worker's lease holds all of it.
+    let (user, keys) = user_with_keys(&gw, 10 * PRE, 1, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let r = chat_request(&keys[0].key).send(gw.addr);
+        assert_eq!(r.status, 200, "{}", r.text());
+        served.push(request_id(&r));
+    }
+    wait_for(Duration::from_secs(5), "the spend to be logged and reported", || {
+        (consume_logs(&gw, "").len() == 3 && user_ledger(&gw, user).reported == 3 * PRE).then_some(())
+    });
+    gw.kill();
+    let killed_at = Instant::now();
+    let mut restarted = stack.gateway(0);
+    let killed = user_ledger(&restarted, user);
+    assert!(killed.held > 0, "the killed process held no lease: {killed:?}");
+    let reaped =
+        wait_for(Duration::from_millis(TTL_MS * 5), "the dead process's leases to be reaped", || {
+            let l = user_ledger(&restarted, user);
+            (l.held == 0).then_some(l)
+        });
+    assert_eq!(reaped.balance, 7 * PRE, "{reaped:?}");
+    eprintln!("embedded ledger: the dead process's lease reaped {:?} after the kill", killed_at.elapsed());
+    for _ in 0..7 {
+        let r = chat_request(&keys[0].key).send(restarted.addr);
+        assert_eq!(r.status, 200, "the reaped balance must be spendable: {}", r.text());
+        served.push(request_id(&r));
+    }
+    assert_refused(&chat_request(&keys[0].key).send(restarted.addr), 403, "insufficient_user_quota");
+    assert!(restarted.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&served);
+    audit.assert_settled_user(user, 10 * PRE);
+}
