@@ -270,6 +270,25 @@ fn read_ledger(gw: &Gateway, path: &str) -> Ledger {
     }
 }
 
+/// Polls the ledger of `user` until `ok` holds (at most [`SETTLE_WAIT`]); fails with the last state.
+fn wait_user(gw: &Gateway, user: i64, what: &str, ok: impl Fn(&Ledger) -> bool) -> Ledger {
+    let deadline = Instant::now() + SETTLE_WAIT;
+    loop {
+        let l = user_ledger(gw, user);
+        if ok(&l) {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited {SETTLE_WAIT:?} in vain for {what}; the ledger shows {l:?}"
+        );
+        pause(Duration::from_millis(20));
+    }
+}
+
+/// The longest a test waits for settled spend to be reported or logged (normally a second or two).
+const SETTLE_WAIT: Duration = Duration::from_secs(15);
+
 fn user_ledger(gw: &Gateway, user: i64) -> Ledger {
     read_ledger(gw, &format!("/api/user/{user}/ledger"))
 }
@@ -542,10 +561,8 @@ fn a_request_is_pre_deducted_from_a_lease_settled_at_its_cost_and_top_ups_and_qu
         let (addr, key) = (gw.addr, key.clone());
         std::thread::spawn(move || chat_request(&key).send(addr))
     };
-    let during = wait_for(Duration::from_secs(5), "the account to be opened and a lease taken", || {
-        let l = user_ledger(&gw, user);
-        (l.opened && l.held > 0).then_some(l)
-    });
+    let during =
+        wait_user(&gw, user, "the account to be opened and a lease taken", |l| l.opened && l.held > 0);
     assert!(during.held >= PRE, "the lease does not cover the pre-deduction {PRE}: {during:?}");
     assert_eq!(during.balance + during.held + during.reported, 100_000, "{during:?}");
     assert_eq!(during.reported, 0, "nothing is settled yet: {during:?}");
@@ -555,10 +572,7 @@ fn a_request_is_pre_deducted_from_a_lease_settled_at_its_cost_and_top_ups_and_qu
     assert_eq!(log["quota"], 12, "5 + 7 tokens at ratio 1: {log}");
 
     // Settled: the cost (not the pre-deduction) is reported within a report interval.
-    let settled = wait_for(Duration::from_secs(5), "the settled cost to be reported", || {
-        let l = user_ledger(&gw, user);
-        (l.reported == 12).then_some(l)
-    });
+    let settled = wait_user(&gw, user, "the settled cost to be reported", |l| l.reported == 12);
     assert_eq!(settled.balance + settled.held, 100_000 - 12, "{settled:?}");
 
     // A top-up is spendable at once: the ledger balance grows by exactly its amount.
@@ -662,7 +676,7 @@ fn a_limited_key_is_refused_with_403_token_quota_exhausted_while_its_user_has_mo
     for r in &answers[3..] {
         assert_refused(r, 403, "token_quota_exhausted");
     }
-    let k = wait_for(Duration::from_secs(5), "the key's spend to be reported", || {
+    let k = wait_for(SETTLE_WAIT, "the key's spend to be reported", || {
         let l = key_ledger(&gw, key.id);
         (l.reported == 36).then_some(l)
     });
@@ -1170,10 +1184,7 @@ fn a_stream_cut_by_the_upstream_takes_the_locally_counted_cost_from_the_balance_
     );
     assert!(cost > PROMPT && cost < PROMPT + 200, "billed {cost}: not prompt + delivered completion: {log}");
 
-    let l = wait_for(Duration::from_secs(5), "the cut stream's cost to be reported", || {
-        let l = user_ledger(&gw, user);
-        (l.reported > 0).then_some(l)
-    });
+    let l = wait_user(&gw, user, "the cut stream's cost to be reported", |l| l.reported > 0);
     assert_eq!(l.reported, cost, "the ledger settled {} for a stream logged at {cost}: {l:?}", l.reported);
     assert_eq!(l.balance + l.held, FUNDS - cost, "{l:?}");
 
@@ -1187,9 +1198,7 @@ fn a_stream_cut_by_the_upstream_takes_the_locally_counted_cost_from_the_balance_
         "{plain_log}"
     );
     let total = cost + plain_log["quota"].as_i64().unwrap();
-    wait_for(Duration::from_secs(5), "both streams to be reported", || {
-        (user_ledger(&gw, user).reported == total).then_some(())
-    });
+    wait_user(&gw, user, &format!("both streams ({total}) to be reported"), |l| l.reported == total);
 
     assert!(gw.terminate().success());
     let audit = stack.audit_after_stop(&[user], &[]);
@@ -1313,9 +1322,7 @@ fn after_redis_loses_its_data_the_gateway_keeps_serving_and_reopens_accounts_at_
     for _ in 0..5 {
         serve(&gw, &mut served, "before the ledger lost its data");
     }
-    wait_for(Duration::from_secs(10), "the spend to be reported", || {
-        (user_ledger(&gw, user).reported == 5 * COST).then_some(())
-    });
+    wait_user(&gw, user, "the spend to be reported", |l| l.reported == 5 * COST);
 
     for (phase, lose) in [("FLUSHALL", true), ("a restart without persistence", false)] {
         // While idle, every lease vanishes from the ledger. Requests go on being served (from the
@@ -1725,7 +1732,7 @@ fn a_client_that_hangs_up_is_still_billed_for_what_the_upstream_produced() {
         stream.next_event().unwrap();
     }
     drop(stream);
-    let log = wait_for(Duration::from_secs(5), "the abandoned stream's consume log", || {
+    let log = wait_for(SETTLE_WAIT, "the abandoned stream's consume log", || {
         consume_logs(&gw, "").into_iter().find(|l| l["request_id"] == json!(streamed))
     });
     let stream_cost = log["quota"].as_i64().unwrap();
@@ -1746,16 +1753,14 @@ fn a_client_that_hangs_up_is_still_billed_for_what_the_upstream_produced() {
     std::io::Write::write_all(&mut raw, format!("{head}{payload}").as_bytes()).unwrap();
     pause(Duration::from_millis(100));
     drop(raw);
-    let logs = wait_for(Duration::from_secs(5), "the abandoned request's consume log", || {
+    let logs = wait_for(SETTLE_WAIT, "the abandoned request's consume log", || {
         let logs = consume_logs(&gw, "");
         (logs.len() == 2).then_some(logs)
     });
     assert!(logs.iter().any(|l| l["quota"] == PRE), "{logs:?}");
 
     let spent = stream_cost + PRE;
-    wait_for(Duration::from_secs(5), "both to be reported", || {
-        (user_ledger(&gw, user).reported == spent).then_some(())
-    });
+    wait_user(&gw, user, &format!("both ({spent}) to be reported"), |l| l.reported == spent);
     assert!(gw.terminate().success());
     let audit = stack.audit_after_stop(&[user], &[]);
     audit.assert_settled_user(user, FUNDS);
@@ -1835,7 +1840,7 @@ fn requests_in_flight_when_redis_loses_its_data_are_not_charged_twice_when_the_a
         assert_eq!(r.status, 200, "{}", r.text());
     }
     // Their consume events reach the database; then the account is reopened from it.
-    wait_for(Duration::from_secs(5), "the consume events to be committed", || {
+    wait_for(SETTLE_WAIT, "the consume events to be committed", || {
         (consume_logs(&gw, "").len() == 4 + IN_FLIGHT).then_some(())
     });
     stack.mock.behave(usage(PROMPT, MAX_TOKENS));
@@ -1873,7 +1878,7 @@ fn after_a_sigkill_on_the_embedded_ledger_the_restarted_process_reaps_its_predec
         assert_eq!(r.status, 200, "{}", r.text());
         served.push(request_id(&r));
     }
-    wait_for(Duration::from_secs(5), "the spend to be logged and reported", || {
+    wait_for(SETTLE_WAIT, "the spend to be logged and reported", || {
         (consume_logs(&gw, "").len() == 3 && user_ledger(&gw, user).reported == 3 * PRE).then_some(())
     });
     gw.kill();
