@@ -95,8 +95,10 @@ async fn dispatch(worker: &Worker, req: &Request) -> ApiResult {
         ("DELETE", ["token", id]) => delete_token(worker, parse_id(id)?).await,
         ("GET", ["log"]) => list_logs(worker, req).await,
         ("GET", ["option"]) => get_options(worker).await,
+        ("GET", ["export"]) => export(worker).await,
+        ("POST", ["import"]) => import(worker, req).await,
         ("PUT", ["option"]) => put_option(worker, req).await,
-        (_, ["channel" | "user" | "token" | "log" | "option", ..]) => {
+        (_, ["channel" | "user" | "token" | "log" | "option" | "export" | "import", ..]) => {
             Err(ApiError(405, format!("{method} is not supported on {}", req.path)))
         }
         _ => Err(ApiError(404, format!("no management endpoint {}", req.path))),
@@ -749,6 +751,102 @@ async fn delete_token(worker: &Worker, id: i64) -> ApiResult {
     worker.shared.storage.delete_token(id).await?;
     worker.shared.bump_auth_epoch();
     to_json(&t)
+}
+
+// ---------------------------------------------------------------- export and import
+
+/// The format name and version of an export document.
+const EXPORT_FORMAT: &str = "burncloud";
+const EXPORT_VERSION: u64 = 1;
+
+/// `GET /api/export`: the whole configuration as one document — channels with their upstream keys,
+/// users with their password hashes, keys with their hashes (the keys themselves are never stored),
+/// options (but the admin key's hash). Logs are not part of it.
+async fn export(worker: &Worker) -> ApiResult {
+    let data = worker.shared.storage.export().await?;
+    let mut users = Vec::with_capacity(data.users.len());
+    for u in &data.users {
+        let mut v = to_json(u)?;
+        v["password_hash"] = Value::String(u.password_hash.clone());
+        users.push(v);
+    }
+    let mut tokens = Vec::with_capacity(data.tokens.len());
+    for t in &data.tokens {
+        let mut v = to_json(t)?;
+        v["key_hash"] = Value::String(t.key_hash.clone());
+        tokens.push(v);
+    }
+    let options: BTreeMap<&String, &String> =
+        data.options.iter().filter(|(k, _)| k.as_str() != option_keys::ADMIN_KEY_HASH).collect();
+    Ok(json!({
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "exported_at": unix_now(),
+        "channels": to_json(&data.channels)?,
+        "users": users,
+        "tokens": tokens,
+        "options": options,
+    }))
+}
+
+#[derive(Deserialize)]
+struct ImportDoc {
+    format: String,
+    version: u64,
+    #[serde(default)]
+    channels: Vec<Channel>,
+    #[serde(default)]
+    users: Vec<User>,
+    #[serde(default)]
+    tokens: Vec<Value>,
+    #[serde(default)]
+    options: BTreeMap<String, Value>,
+}
+
+/// `POST /api/import` with a document from `GET /api/export` (or its `data`): adds every channel,
+/// user, key and option in one transaction — all or, on a conflict (a username or key that exists),
+/// none. Channels and users get new ids; keys keep working (their hashes are kept).
+async fn import(worker: &Worker, req: &Request) -> ApiResult {
+    let raw: Value = body(req)?;
+    let doc =
+        if raw.get("format").is_none() && raw.get("data").is_some() { raw["data"].clone() } else { raw };
+    let doc: ImportDoc =
+        serde_json::from_value(doc).map_err(|e| bad(format!("not an export document: {e}")))?;
+    if doc.format != EXPORT_FORMAT || doc.version != EXPORT_VERSION {
+        return Err(bad(format!(
+            "unsupported export document {:?} version {} (expected {EXPORT_FORMAT:?} version {EXPORT_VERSION})",
+            doc.format, doc.version
+        )));
+    }
+    for ch in &doc.channels {
+        validate_channel(ch).map_err(|ApiError(s, m)| ApiError(s, format!("channel {:?}: {m}", ch.name)))?;
+    }
+    for u in &doc.users {
+        if u.username.trim().is_empty() || u.password_hash.is_empty() {
+            return Err(bad(format!("user {}: username and password_hash are required", u.id)));
+        }
+    }
+    let mut tokens = Vec::with_capacity(doc.tokens.len());
+    for v in doc.tokens {
+        let key_hash = v["key_hash"].as_str().filter(|h| !h.is_empty()).map(str::to_string);
+        let mut t: Token = serde_json::from_value(v).map_err(|e| bad(format!("a key: {e}")))?;
+        t.key_hash = key_hash.ok_or_else(|| bad(format!("key {:?}: key_hash is required", t.name)))?;
+        tokens.push(t);
+    }
+    let mut options = BTreeMap::new();
+    for (key, value) in doc.options {
+        let value = match value {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        validate_option(&key, &value)?;
+        options.insert(key, value);
+    }
+    let data = burncloud_storage::ExportData { channels: doc.channels, users: doc.users, tokens, options };
+    let summary = worker.shared.storage.import(data).await?;
+    published(worker).await?;
+    worker.shared.bump_auth_epoch();
+    to_json(&summary)
 }
 
 // ---------------------------------------------------------------- logs and options

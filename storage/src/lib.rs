@@ -87,6 +87,27 @@ pub struct ConfigData {
     pub options: BTreeMap<String, String>,
 }
 
+/// The whole configuration, as `GET /api/export` gives it and `POST /api/import` takes it: secrets
+/// included (upstream keys, password hashes, key hashes), logs not.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExportData {
+    pub channels: Vec<Channel>,
+    /// With their `password_hash`.
+    pub users: Vec<User>,
+    /// With their `key_hash`; `user_id` refers to `users[..].id`.
+    pub tokens: Vec<Token>,
+    pub options: BTreeMap<String, String>,
+}
+
+/// What an import added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct ImportSummary {
+    pub channels: usize,
+    pub users: usize,
+    pub tokens: usize,
+    pub options: usize,
+}
+
 /// Which channels `list_channels` returns.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ChannelFilter {
@@ -351,6 +372,17 @@ impl StorageHandle {
 
     pub async fn delete_token(&self, id: i64) -> Result<bool, StorageError> {
         self.call(|r| Command::DeleteToken(id, r)).await
+    }
+
+    /// The whole configuration (see [`ExportData`]), after pending consume events are committed.
+    pub async fn export(&self) -> Result<ExportData, StorageError> {
+        self.call(Command::Export).await
+    }
+
+    /// Adds a whole configuration in one transaction (see [`ExportData`]); `Conflict` (nothing
+    /// added) when a username or key hash exists already.
+    pub async fn import(&self, data: ExportData) -> Result<ImportSummary, StorageError> {
+        self.call(|r| Command::Import(Box::new(data), r)).await
     }
 
     /// One page of logs, newest first (by `created_at`, then id), and how many match the filter.

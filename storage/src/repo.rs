@@ -22,7 +22,7 @@ use sqlx::{AnyConnection, AnyPool};
 use crate::db::Backend;
 use crate::error::StorageError;
 use crate::spill::Segment;
-use crate::{ChannelFilter, ConfigData, LogFilter};
+use crate::{ChannelFilter, ConfigData, ExportData, ImportSummary, LogFilter};
 
 type AnyQuery = sqlx::query::Query<'static, Any, AnyArguments>;
 
@@ -248,8 +248,15 @@ impl Db {
         if ch.created_time == 0 {
             ch.created_time = now;
         }
-        let mapping = mapping_json(&ch)?;
         let mut tx = self.begin().await?;
+        self.insert_channel(&mut tx, &mut ch).await?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(ch)
+    }
+
+    /// Inserts a channel (its id assigned) and its abilities on `conn`.
+    async fn insert_channel(&self, conn: &mut AnyConnection, ch: &mut Channel) -> Result<(), StorageError> {
+        let mapping = mapping_json(ch)?;
         let row = sqlx::query(
             r#"INSERT INTO channels (type, name, "key", base_url, models, "group", priority, weight, model_mapping,
                tag, proxy, status, test_model, created_time, test_time, response_time, used_quota, status_reason,
@@ -276,13 +283,11 @@ impl Db {
         .bind(ch.used_quota)
         .bind(ch.auto_disabled_reason.clone())
         .bind(ch.auto_disabled_time)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| self.err(e))?;
         ch.id = int(&row, "id")?;
-        self.sync_abilities(&mut tx, &ch).await?;
-        tx.commit().await.map_err(|e| self.err(e))?;
-        Ok(ch)
+        self.sync_abilities(conn, ch).await
     }
 
     /// Replaces every field of the channel but `created_time` (kept when the new one is 0) and
@@ -422,10 +427,17 @@ impl Db {
         if u.created_time == 0 {
             u.created_time = now;
         }
+        let mut conn = self.conn().await?;
+        self.insert_user(&mut conn, &mut u).await?;
+        Ok(u)
+    }
+
+    /// Inserts a user (its id assigned) on `conn`; `Conflict` on a taken username.
+    async fn insert_user(&self, conn: &mut AnyConnection, u: &mut User) -> Result<(), StorageError> {
         let row = sqlx::query(
             r#"INSERT INTO users (username, password_hash, display_name, role, status, email, "group", quota,
-               used_quota, request_count, created_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-               RETURNING id"#,
+               used_quota, request_count, created_time, quota_version)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"#,
         )
         .bind(u.username.clone())
         .bind(u.password_hash.clone())
@@ -438,7 +450,8 @@ impl Db {
         .bind(u.used_quota)
         .bind(u.request_count)
         .bind(u.created_time)
-        .fetch_one(&self.pool)
+        .bind(u.quota_version.max(1))
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| match self.err(e) {
             StorageError::Conflict(_) => {
@@ -447,7 +460,7 @@ impl Db {
             other => other,
         })?;
         u.id = int(&row, "id")?;
-        Ok(u)
+        Ok(())
     }
 
     pub(crate) async fn get_user(&self, id: i64) -> Result<Option<User>, StorageError> {
@@ -572,10 +585,17 @@ impl Db {
         if self.user_on(&mut conn, t.user_id).await?.is_none() {
             return Err(StorageError::NotFound(format!("user {}", t.user_id)));
         }
+        self.insert_token(&mut conn, &mut t).await?;
+        Ok(t)
+    }
+
+    /// Inserts a key (its id assigned) on `conn`; `Conflict` when its hash is taken.
+    async fn insert_token(&self, conn: &mut AnyConnection, t: &mut Token) -> Result<(), StorageError> {
         let row = sqlx::query(
             r#"INSERT INTO tokens (user_id, key_masked, key_hash, name, status, created_time, accessed_time,
-               expired_time, remain_quota, unlimited_quota, used_quota, models, allow_ips, "group", rpm, tpm)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING id"#,
+               expired_time, remain_quota, unlimited_quota, used_quota, models, allow_ips, "group", rpm, tpm,
+               quota_version)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) RETURNING id"#,
         )
         .bind(t.user_id)
         .bind(t.key.clone())
@@ -593,6 +613,7 @@ impl Db {
         .bind(t.group.clone())
         .bind(t.rpm)
         .bind(t.tpm)
+        .bind(t.quota_version.max(1))
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| match self.err(e) {
@@ -602,7 +623,7 @@ impl Db {
             other => other,
         })?;
         t.id = int(&row, "id")?;
-        Ok(t)
+        Ok(())
     }
 
     pub(crate) async fn get_token(&self, id: i64) -> Result<Option<Token>, StorageError> {
@@ -667,6 +688,73 @@ impl Db {
             .await
             .map_err(|e| self.err(e))?;
         Ok(done.rows_affected() > 0)
+    }
+
+    // ---- export and import ------------------------------------------------------------------------
+
+    /// Every channel, user (with its password hash), key (with its key hash) and option.
+    pub(crate) async fn export(&self) -> Result<ExportData, StorageError> {
+        let mut conn = self.conn().await?;
+        let config = self.load_config().await?;
+        let users =
+            sqlx::query(concat!("SELECT ", user_cols!(), " FROM users WHERE deleted_at IS NULL ORDER BY id"))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| self.err(e))?
+                .iter()
+                .map(user_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+        let tokens = sqlx::query(concat!("SELECT ", token_cols!(), " FROM tokens ORDER BY id"))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| self.err(e))?
+            .iter()
+            .map(token_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ExportData { channels: config.channels, users, tokens, options: config.options })
+    }
+
+    /// Adds everything in `data` in one transaction: all of it or, on any conflict or error, none.
+    /// Channels and users get new ids; keys follow their user's new id. Options are set (replacing
+    /// values of the same key).
+    pub(crate) async fn import(&self, data: ExportData) -> Result<ImportSummary, StorageError> {
+        let mut tx = self.begin().await?;
+        let mut summary = ImportSummary::default();
+        for mut ch in data.channels {
+            self.insert_channel(&mut tx, &mut ch).await?;
+            summary.channels += 1;
+        }
+        let mut user_ids = BTreeMap::new();
+        for mut u in data.users {
+            let old = u.id;
+            self.insert_user(&mut tx, &mut u).await?;
+            user_ids.insert(old, u.id);
+            summary.users += 1;
+        }
+        for mut t in data.tokens {
+            let Some(user) = user_ids.get(&t.user_id) else {
+                return Err(StorageError::NotFound(format!(
+                    "key {:?} belongs to user {}, which the import does not contain",
+                    t.name, t.user_id
+                )));
+            };
+            t.user_id = *user;
+            self.insert_token(&mut tx, &mut t).await?;
+            summary.tokens += 1;
+        }
+        for (key, value) in &data.options {
+            sqlx::query(
+                r#"INSERT INTO options ("key", value) VALUES ($1, $2) ON CONFLICT ("key") DO UPDATE SET value = excluded.value"#,
+            )
+            .bind(key.clone())
+            .bind(value.clone())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| self.err(e))?;
+            summary.options += 1;
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(summary)
     }
 
     // ---- logs -----------------------------------------------------------------------------------

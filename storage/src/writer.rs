@@ -20,7 +20,7 @@ use futures_channel::oneshot;
 use crate::error::StorageError;
 use crate::repo::Db;
 use crate::spill::{Segment, SpillFile, new_segment_id};
-use crate::{ChannelFilter, ConfigData, ConsumeEvent, LogFilter, StorageStats};
+use crate::{ChannelFilter, ConfigData, ConsumeEvent, ExportData, ImportSummary, LogFilter, StorageStats};
 
 /// First retry delay after a failed batch; doubled per failure up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -53,6 +53,8 @@ pub(crate) enum Command {
     DeleteToken(i64, Reply<bool>),
     ListLogs(LogFilter, Reply<(Vec<LogEntry>, i64)>),
     SetOption(String, String, Reply<()>),
+    Export(Reply<ExportData>),
+    Import(Box<ExportData>, Reply<ImportSummary>),
     Shutdown,
 }
 
@@ -396,6 +398,16 @@ impl Writer {
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(r);
+            }
+            Command::Export(reply) => {
+                let r = match self.flush_now().await {
+                    Ok(()) => self.db.export().await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Import(data, reply) => {
+                let _ = reply.send(self.db.import(*data).await);
             }
             Command::SetOption(key, value, reply) => {
                 let _ = reply.send(self.db.set_option(&key, &value).await);

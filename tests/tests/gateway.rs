@@ -933,6 +933,39 @@ fn a_change_at_one_instance_reaches_another_sharing_redis_at_once() {
     );
 }
 
+#[test]
+fn an_export_imported_into_a_fresh_gateway_serves_the_same_keys_and_a_second_import_adds_nothing() {
+    let s = setup();
+    s.gw.put_option("ModelRatio", r#"{"gpt-x": 2}"#);
+    s.gw.api("POST", &format!("/api/user/{}/topup", s.user), Some(&json!({"quota": 1234})));
+    let doc = s.gw.api("GET", "/api/export", None);
+    assert_eq!((doc["format"].as_str(), doc["version"].as_i64()), (Some("burncloud"), Some(1)));
+    assert!(doc["options"].get("AdminKeyHash").is_none(), "the admin key's hash is not exported");
+    assert_eq!(doc["channels"][0]["key"], CHANNEL_KEY, "upstream keys are exported in full");
+
+    let other = Gateway::start(GatewayOptions::new());
+    let summary = other.api("POST", "/api/import", Some(&doc));
+    assert_eq!(
+        (summary["channels"].as_i64(), summary["users"].as_i64(), summary["tokens"].as_i64()),
+        (Some(1), Some(1), Some(1))
+    );
+
+    // The same key works on the other gateway, priced by the imported ratio, against the imported quota.
+    s.mock.behave(json!({"prompt_tokens": 10, "completion_tokens": 10}));
+    let resp = other.chat(&s.key.key, &chat_body("gpt-x"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(other.consume_log(&request_id(&resp))["quota"], 40);
+    let users = other.api("GET", "/api/user/1", None);
+    assert_eq!(users["quota"].as_i64(), Some(100_000_000 + 1234 - 40), "{users}");
+
+    // Importing again conflicts on the username: nothing is added, not even the channel.
+    let again = other.admin("POST", "/api/import", Some(&doc));
+    assert_eq!(again.status, 409, "{}", again.text());
+    assert_eq!(other.api("GET", "/api/channel/", None)["total"], 1);
+    let bad = other.admin("POST", "/api/import", Some(&json!({"format": "other", "version": 1})));
+    assert_eq!(bad.status, 400, "{}", bad.text());
+}
+
 // ---------------------------------------------------------------- official SDK
 
 fn python() -> std::path::PathBuf {
