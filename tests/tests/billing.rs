@@ -545,7 +545,7 @@ fn user_with_keys(gw: &Gateway, quota: i64, keys: usize, limited: &[i64]) -> (i6
     (user, keys)
 }
 
-// ================================================================ 1. pre-deduction and settlement
+// ================================================================ pre-deduction and settlement
 
 #[test]
 fn a_request_is_pre_deducted_from_a_lease_settled_at_its_cost_and_top_ups_and_quota_edits_reach_the_ledger_at_once()
@@ -611,7 +611,179 @@ fn a_request_is_pre_deducted_from_a_lease_settled_at_its_cost_and_top_ups_and_qu
     assert_eq!(audit.users[&user].balance, funds - 50, "{:?}", audit.users[&user]);
 }
 
-// ================================================================ 2. refusals
+/// Sends `body` with `key` and says whether it was served (200) or refused for the user's balance.
+fn served(gw: &Gateway, key: &str, body: &Value) -> bool {
+    let r = gw.chat(key, body);
+    match r.status {
+        200 => true,
+        403 if code_of(&r) == "insufficient_user_quota" => false,
+        _ => panic!("neither served nor refused for the balance: HTTP {} {}", r.status, r.text()),
+    }
+}
+
+#[test]
+fn the_pre_deduction_follows_max_tokens_pre_deduct_max_tokens_group_ratios_and_per_call_prices() {
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let gw = stack.first_gateway();
+    gw.create_channel(
+        json!({"base_url": stack.mock.base_url(), "models": "gpt-call", "group": "default,vip"}),
+    );
+    gw.create_channel(json!({"base_url": stack.mock.base_url(), "models": MODEL, "group": "vip"}));
+    gw.put_option("ModelPrice", &json!({"gpt-call": 0.001}).to_string()); // 500 quota per call
+    gw.put_option("GroupRatio", &json!({"default": 1, "vip": 2}).to_string());
+    stack.mock.behave(usage(1, 1));
+    let no_max = json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]});
+    let call = json!({"model": "gpt-call", "messages": [{"role": "user", "content": "Say hello"}]});
+    // A fresh user (so nothing is leased yet) with exactly `quota`, and its key.
+    let fresh = |group: &str, quota: i64| {
+        let user = gw.create_user(json!({"quota": quota, "group": group}));
+        gw.create_token(user, json!({})).key
+    };
+
+    // Without max_tokens: the prompt plus PreDeductMaxTokens (1024 by default) completion tokens.
+    assert!(!served(&gw, &fresh("default", PROMPT + 1024 - 1), &no_max));
+    assert!(served(&gw, &fresh("default", PROMPT + 1024), &no_max));
+    gw.put_option("PreDeductMaxTokens", "100");
+    assert!(!served(&gw, &fresh("default", PROMPT + 100 - 1), &no_max));
+    assert!(served(&gw, &fresh("default", PROMPT + 100), &no_max));
+    // A group ratio multiplies the pre-deduction.
+    assert!(!served(&gw, &fresh("vip", 2 * PRE - 1), &ask()));
+    assert!(served(&gw, &fresh("vip", 2 * PRE), &ask()));
+    // A per-call price is the pre-deduction and the cost, times the group ratio.
+    let key = fresh("default", 1_000);
+    assert!(served(&gw, &key, &call) && served(&gw, &key, &call) && !served(&gw, &key, &call));
+    let vip = fresh("vip", 1_999);
+    assert!(served(&gw, &vip, &call) && !served(&gw, &vip, &call));
+    let mut charged: Vec<i64> =
+        consume_logs(&gw, "model=gpt-call").iter().map(|l| l["quota"].as_i64().unwrap()).collect();
+    charged.sort();
+    assert_eq!(charged, [500, 500, 1_000]);
+}
+
+#[test]
+fn a_request_the_upstream_fails_is_not_charged_and_its_pre_deduction_comes_back_whole() {
+    const FUNDS: i64 = 100_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    stack.mock.behave(json!({"status": 500, "body": {"error": {"message": "down", "type": "server_error"}}}));
+
+    for _ in 0..5 {
+        assert_refused(&chat_request(&keys[0].key).send(gw.addr), 502, "upstream_error");
+    }
+    stack.mock.behave(json!({"fault": "close_before_response"}));
+    assert_refused(&chat_request(&keys[0].key).send(gw.addr), 502, "upstream_error");
+
+    let l = user_ledger(&gw, user);
+    assert_eq!(l.balance + l.held, FUNDS, "{l:?}");
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    assert!(audit.logs.is_empty(), "failed requests were logged: {:?}", audit.logs);
+    audit.assert_settled_user(user, FUNDS);
+    assert_eq!(audit.users[&user].balance, FUNDS);
+}
+
+#[test]
+fn a_client_that_hangs_up_is_still_billed_for_what_the_upstream_produced() {
+    const FUNDS: i64 = 100_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    let key = &keys[0].key;
+
+    // Mid-stream: billed for the prompt and the completion delivered before the gateway noticed.
+    stack.mock.behave(json!({"chunks": 10, "chunk_gap_ms": 100, "completion_tokens": 50}));
+    let body = json!({"model": MODEL, "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "Say hello"}]});
+    let mut stream = HttpRequest::post("/v1/chat/completions").bearer(key).json(&body).open(gw.addr).unwrap();
+    let streamed = stream.header("x-request-id").unwrap().to_string();
+    for _ in 0..3 {
+        stream.next_event().unwrap();
+    }
+    drop(stream);
+    let log = wait_for(SETTLE_WAIT, "the abandoned stream's consume log", || {
+        consume_logs(&gw, "").into_iter().find(|l| l["request_id"] == json!(streamed))
+    });
+    let stream_cost = log["quota"].as_i64().unwrap();
+    assert!(
+        stream_cost > PROMPT && stream_cost < PROMPT + 50,
+        "billed {stream_cost} for a stream abandoned after 3 of 10 chunks: {log}"
+    );
+
+    // Before the answer: the request runs to its end and is billed in full.
+    stack.mock.behave(json!({"latency_ms": 500, "prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS}));
+    let mut raw = std::net::TcpStream::connect(gw.addr).unwrap();
+    let payload = ask().to_string();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        payload.len()
+    );
+    std::io::Write::write_all(&mut raw, format!("{head}{payload}").as_bytes()).unwrap();
+    pause(Duration::from_millis(100));
+    drop(raw);
+    let logs = wait_for(SETTLE_WAIT, "the abandoned request's consume log", || {
+        let logs = consume_logs(&gw, "");
+        (logs.len() == 2).then_some(logs)
+    });
+    assert!(logs.iter().any(|l| l["quota"] == PRE), "{logs:?}");
+
+    let spent = stream_cost + PRE;
+    wait_user(&gw, user, &format!("both ({spent}) to be reported"), |l| l.reported == spent);
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_settled_user(user, FUNDS);
+    assert_eq!(audit.users[&user].balance, FUNDS - spent);
+}
+
+#[test]
+fn a_stream_cut_by_the_upstream_takes_the_locally_counted_cost_from_the_balance_not_the_pre_deduction() {
+    const FUNDS: i64 = 100_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    let key = &keys[0].key;
+    let stream = |max_tokens: i64| json!({"model": MODEL, "stream": true, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hello"}]});
+    stack.mock.behave(json!({"chunks": 8, "completion_tokens": 40, "fault": "disconnect_mid_stream", "fault_after_chunks": 2}));
+
+    let mut cut =
+        HttpRequest::post("/v1/chat/completions").bearer(key).json(&stream(200)).open(gw.addr).unwrap();
+    assert_eq!(cut.status, 200);
+    let cut_id = cut.header("x-request-id").unwrap().to_string();
+    while let Ok(Some(_)) = cut.next_event() {}
+    let log = gw.consume_log(&cut_id);
+    assert!(log["content"].as_str().unwrap_or_default().contains("counted by the gateway"), "{log}");
+    let cost = log["quota"].as_i64().unwrap();
+    assert_eq!(
+        cost,
+        log["prompt_tokens"].as_i64().unwrap() + log["completion_tokens"].as_i64().unwrap(),
+        "{log}"
+    );
+    assert!(cost > PROMPT && cost < PROMPT + 200, "billed {cost}: not prompt + delivered completion: {log}");
+
+    let l = wait_user(&gw, user, "the cut stream's cost to be reported", |l| l.reported > 0);
+    assert_eq!(l.reported, cost, "the ledger settled {} for a stream logged at {cost}: {l:?}", l.reported);
+    assert_eq!(l.balance + l.held, FUNDS - cost, "{l:?}");
+
+    // A stream the upstream ends without usage is settled from local counts the same way.
+    stack.mock.behave(json!({"chunks": 4, "completion_tokens": 12, "omit_usage": true}));
+    let plain = HttpRequest::post("/v1/chat/completions").bearer(key).json(&stream(200)).send(gw.addr);
+    assert_eq!(plain.status, 200);
+    let plain_log = gw.consume_log(&request_id(&plain));
+    assert!(
+        plain_log["content"].as_str().unwrap_or_default().contains("counted by the gateway"),
+        "{plain_log}"
+    );
+    let total = cost + plain_log["quota"].as_i64().unwrap();
+    wait_user(&gw, user, &format!("both streams ({total}) to be reported"), |l| l.reported == total);
+
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&[cut_id, request_id(&plain)]);
+    audit.assert_settled_user(user, FUNDS);
+    assert_eq!(audit.users[&user].balance, FUNDS - total);
+}
+
+// ================================================================ refusals
 
 #[test]
 fn a_balance_short_of_the_pre_deduction_is_refused_with_403_insufficient_user_quota_in_every_client_protocol()
@@ -722,7 +894,7 @@ fn a_model_without_a_price_is_refused_with_403_model_price_not_configured() {
     assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200, "a priced model is served");
 }
 
-// ================================================================ 3. small balances and workers
+// ================================================================ small balances across workers
 
 #[test]
 fn a_small_balance_is_spendable_to_the_last_request_from_every_worker() {
@@ -759,7 +931,160 @@ fn a_small_balance_is_spendable_to_the_last_request_from_every_worker() {
     assert_eq!(audit.users[&user].balance, 0);
 }
 
-// ================================================================ 4. one user, many keys, high concurrency
+#[test]
+fn a_small_balance_is_spent_to_the_last_request_by_concurrent_clients_on_four_workers() {
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let stack = stack.env("BURNCLOUD_WORKERS", 4);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 10 * PRE, 4, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+
+    // Short connections: the requests land on all four workers.
+    let ok = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let (addr, key, ok) = (gw.addr, keys[i % 4].key.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                for _ in 0..10 {
+                    let r = chat_request(&key).send(addr);
+                    if r.status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    answers.push((r.status, code_of(&r)));
+                }
+                answers
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(refused.iter().all(|(s, c)| *s == 403 && c == "insufficient_user_quota"), "{refused:?}");
+    assert_eq!(
+        ok.load(Ordering::Relaxed),
+        10,
+        "ten requests' worth of balance served {} requests",
+        ok.load(Ordering::Relaxed)
+    );
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_settled_user(user, 10 * PRE);
+    assert_eq!(audit.users[&user].balance, 0);
+}
+
+// ================================================================ funding changes
+
+#[test]
+fn a_top_up_made_while_redis_is_down_reaches_the_ledger_once_it_is_back() {
+    const TTL_MS: u64 = 3_000;
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
+    let mut stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 1_000, 1, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200);
+    let before = user_ledger(&gw, user);
+
+    stack.redis().kill();
+    let topped = gw.api("POST", &format!("/api/user/{user}/topup"), Some(&json!({"quota": 5_000})));
+    assert_eq!(
+        topped["quota"],
+        1_000 - PRE + 5_000,
+        "the database takes the top-up while Redis is down: {topped}"
+    );
+    stack.redis().restart();
+    let after = wait_for(Duration::from_millis(TTL_MS * 2), "the top-up to reach the ledger", || {
+        let l = user_ledger(&gw, user);
+        (l.funded == 6_000).then_some(l)
+    });
+    assert_eq!(after.balance - before.balance, 5_000, "{before:?} → {after:?}");
+    assert_eq!(after.balance + after.held + after.reported, 6_000, "{after:?}");
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_settled_user(user, 6_000);
+}
+
+#[test]
+fn lowering_a_users_quota_takes_effect_at_once_even_on_money_the_workers_hold_in_leases() {
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 1_000_000, 1, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..50 {
+        assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200);
+    }
+    let leased = user_ledger(&gw, user);
+    assert!(leased.held > 10 * PRE, "the workers hold leases: {leased:?}");
+
+    // Nothing left to spend: the leases the workers hold must not keep the user going.
+    gw.api("PUT", &format!("/api/user/{user}"), Some(&json!({"quota": 0})));
+    let after: Vec<u16> = (0..20).map(|_| chat_request(&keys[0].key).send(gw.addr).status).collect();
+
+    let served = after.iter().filter(|s| **s == 200).count();
+    assert!(
+        served <= 4,
+        "{served} of 20 requests were served after the quota was set to 0 (only those racing the recall's \
+         round trip may slip in): {after:?}"
+    );
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    let db = &audit.db_users[&user];
+    assert!(db["quota"].as_i64().unwrap() >= -2 * PRE, "the user's quota went to {}", db["quota"]);
+    audit.assert_settled_user(user, 50 * PRE);
+    eprintln!("quota set to 0 with {} leased: {served} more served, {after:?}", leased.held);
+}
+
+#[test]
+fn lowering_a_keys_remain_quota_takes_effect_at_once_even_on_money_the_workers_hold_in_leases() {
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
+    let gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, 10_000_000, 1, &[1_000_000]);
+    let key = &keys[0];
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..50 {
+        assert_eq!(chat_request(&key.key).send(gw.addr).status, 200);
+    }
+    assert!(key_ledger(&gw, key.id).held > 10 * PRE);
+
+    gw.api("PUT", &format!("/api/token/{}", key.id), Some(&json!({"remain_quota": 1})));
+    let after: Vec<Response> = (0..20).map(|_| chat_request(&key.key).send(gw.addr)).collect();
+
+    let served = after.iter().filter(|r| r.status == 200).count();
+    assert!(served <= 4, "{served} of 20 requests were served after remain_quota was set to 1");
+    for r in after.iter().filter(|r| r.status != 200) {
+        assert_refused(r, 403, "token_quota_exhausted");
+    }
+    let u = user_ledger(&gw, user);
+    assert_eq!(u.balance + u.held + u.reported, 10_000_000, "{u:?}");
+}
+
+#[test]
+fn lowering_a_users_quota_at_one_instance_takes_effect_at_once_at_the_others() {
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
+    let a = stack.first_gateway();
+    let (user, keys) = user_with_keys(&a, 1_000_000, 1, &[]);
+    let b = stack.gateway(1);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..50 {
+        assert_eq!(chat_request(&keys[0].key).send(b.addr).status, 200);
+    }
+
+    a.api("PUT", &format!("/api/user/{user}"), Some(&json!({"quota": 0})));
+    // The change is announced to b through Redis within milliseconds; b then reads the key's owner
+    // again, sees a newer funding version and gives its lease back.
+    pause(Duration::from_millis(200));
+    let after: Vec<u16> = (0..20).map(|_| chat_request(&keys[0].key).send(b.addr).status).collect();
+
+    let served = after.iter().filter(|s| **s == 200).count();
+    assert!(
+        served <= 4,
+        "{served} of 20 requests were served by the other instance after the quota was set to 0"
+    );
+}
+
+// ================================================================ high concurrency: no overspend
 
 /// 20,000 requests on 64 connections from 20 keys of one user whose balance covers a few hundred;
 /// half the keys have limits of their own.
@@ -822,8 +1147,6 @@ fn twenty_thousand_requests_from_twenty_keys_of_one_user_never_overspend_on_redi
     many_keys_of_one_user_under_load_never_overspend(LedgerKind::Redis);
 }
 
-// ================================================================ 5. two instances, one Redis
-
 #[test]
 fn two_instances_sharing_redis_under_load_on_both_never_overspend_one_user_topped_up_mid_load() {
     const REQUESTS: usize = 10_000;
@@ -876,8 +1199,6 @@ fn two_instances_sharing_redis_under_load_on_both_never_overspend_one_user_toppe
     );
 }
 
-// ================================================================ overruns
-
 #[test]
 fn requests_costing_more_than_their_pre_deduction_overspend_by_at_most_the_overruns_in_flight() {
     const CONNECTIONS: usize = 32;
@@ -914,7 +1235,47 @@ fn requests_costing_more_than_their_pre_deduction_overspend_by_at_most_the_overr
     );
 }
 
-// ================================================================ 6. an instance killed
+// ================================================================ instances stopped, killed, paused
+
+/// `kill -SIG pid`.
+fn signal(pid: u32, sig: &str) {
+    let sent = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
+    assert!(matches!(sent, Ok(s) if s.success()), "kill -{sig} {pid}: {sent:?}");
+}
+
+fn graceful_stop_under_load_loses_nothing(kind: LedgerKind) {
+    const FUNDS: i64 = 50_000_000;
+    let Some(stack) = Stack::new(kind, TestDatabase::new()) else { return };
+    let stack = stack.env("BURNCLOUD_DRAIN_TIMEOUT_MS", 10_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 20}));
+
+    let load = Load::start(gw.addr, &keys, 32, None);
+    load.wait_ok(2_000, Duration::from_secs(30));
+    let stopping = Instant::now();
+    let status = gw.terminate();
+    let stop_took = stopping.elapsed();
+    let tally = load.stop();
+
+    assert!(status.success(), "the gateway exited with {status:?} under load");
+    // After the stop, new connections are refused (transport errors); nothing else may fail.
+    tally.assert_only(&["0 transport error"]);
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&tally.ok_ids());
+    audit.assert_settled_user(user, FUNDS);
+    eprintln!("{kind:?}: SIGTERM under load: stopped in {stop_took:?}; answers {:?}", tally.by_answer());
+}
+
+#[test]
+fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_request_on_the_embedded_ledger() {
+    graceful_stop_under_load_loses_nothing(LedgerKind::Embedded);
+}
+
+#[test]
+fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_request_on_redis() {
+    graceful_stop_under_load_loses_nothing(LedgerKind::Redis);
+}
 
 #[test]
 fn a_killed_instance_leases_are_reaped_by_its_sibling_after_the_ttl_and_nothing_is_charged_twice() {
@@ -1046,7 +1407,108 @@ fn a_killed_instance_leases_are_reaped_by_its_sibling_after_the_ttl_and_nothing_
     );
 }
 
-// ================================================================ 7. Redis killed
+#[test]
+fn after_a_sigkill_on_the_embedded_ledger_the_restarted_process_reaps_its_predecessors_leases_after_the_ttl()
+{
+    const TTL_MS: u64 = 1_000;
+    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
+    let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
+    let mut gw = stack.first_gateway();
+    // Ten requests' worth: the first worker's lease holds all of it.
+    let (user, keys) = user_with_keys(&gw, 10 * PRE, 1, &[]);
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let r = chat_request(&keys[0].key).send(gw.addr);
+        assert_eq!(r.status, 200, "{}", r.text());
+        served.push(request_id(&r));
+    }
+    wait_for(SETTLE_WAIT, "the spend to be logged and reported", || {
+        (consume_logs(&gw, "").len() == 3 && user_ledger(&gw, user).reported == 3 * PRE).then_some(())
+    });
+    gw.kill();
+    let killed_at = Instant::now();
+    let mut restarted = stack.gateway(0);
+    let killed = user_ledger(&restarted, user);
+    assert!(killed.held > 0, "the killed process held no lease: {killed:?}");
+    let reaped =
+        wait_for(Duration::from_millis(TTL_MS * 5), "the dead process's leases to be reaped", || {
+            let l = user_ledger(&restarted, user);
+            (l.held == 0).then_some(l)
+        });
+    assert_eq!(reaped.balance, 7 * PRE, "{reaped:?}");
+    eprintln!("embedded ledger: the dead process's lease reaped {:?} after the kill", killed_at.elapsed());
+    for _ in 0..7 {
+        let r = chat_request(&keys[0].key).send(restarted.addr);
+        assert_eq!(r.status, 200, "the reaped balance must be spendable: {}", r.text());
+        served.push(request_id(&r));
+    }
+    assert_refused(&chat_request(&keys[0].key).send(restarted.addr), 403, "insufficient_user_quota");
+    assert!(restarted.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&served);
+    audit.assert_settled_user(user, 10 * PRE);
+}
+
+#[test]
+fn a_paused_instance_is_fenced_by_its_sibling_and_once_resumed_pays_for_everything_it_served() {
+    const TTL_MS: u64 = 2_000;
+    const FUNDS: i64 = 50_000_000;
+    let Some(db) = TestDatabase::postgres_if_available() else { return };
+    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
+    let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
+    let mut a = stack.first_gateway();
+    let (shared, shared_keys) = user_with_keys(&a, FUNDS, 8, &[]);
+    let (paused, paused_keys) = user_with_keys(&a, FUNDS, 4, &[]);
+    let mut b = stack.gateway(1);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 3}));
+
+    let on_a = Load::start(a.addr, &shared_keys, 8, None);
+    let paused_on_a = Load::start(a.addr, &paused_keys, 4, None);
+    let on_b = Load::start(b.addr, &shared_keys, 8, None);
+    on_a.wait_ok(1_000, Duration::from_secs(30));
+    paused_on_a.wait_ok(500, Duration::from_secs(30));
+
+    // Stopped past its TTL, the instance is reaped by its sibling: its rows go back to the balances.
+    signal(a.pid(), "STOP");
+    let stopped_at = Instant::now();
+    let reaped =
+        wait_for(Duration::from_millis(TTL_MS * 4), "the paused instance's leases to be reaped", || {
+            let l = user_ledger(&b, paused);
+            (l.held == 0).then_some(l)
+        });
+    let reaped_after = stopped_at.elapsed();
+    assert!(reaped_after >= Duration::from_millis(TTL_MS * 8 / 10), "reaped after only {reaped_after:?}");
+    assert_eq!(reaped.balance + reaped.reported, FUNDS, "{reaped:?}");
+
+    // Resumed, it learns it was fenced, continues under a new id, and reports what it served as debt.
+    signal(a.pid(), "CONT");
+    let resumed_at = Instant::now();
+    let ok_at_resume = on_a.ok();
+    wait_for(Duration::from_secs(15), "the resumed instance to serve again", || {
+        (on_a.ok() > ok_at_resume + 200).then_some(())
+    });
+    let serving_after = resumed_at.elapsed();
+    let tallies = [on_a.stop(), paused_on_a.stop(), on_b.stop()];
+    assert!(a.terminate().success() && b.terminate().success());
+    let audit = stack.audit_after_stop(&[shared, paused], &[]);
+
+    let ok: Vec<String> = tallies.iter().flat_map(Tally::ok_ids).collect();
+    for t in &tallies {
+        t.assert_only(&["503 service_unavailable"]);
+    }
+    audit.assert_one_log_per_success(&ok);
+    audit.assert_settled_user(shared, FUNDS);
+    audit.assert_settled_user(paused, FUNDS);
+    eprintln!(
+        "paused: reaped after {reaped_after:?}, serving again {serving_after:?} after SIGCONT; answers {:?} {:?} {:?}",
+        tallies[0].by_answer(),
+        tallies[1].by_answer(),
+        tallies[2].by_answer()
+    );
+}
+
+// ================================================================ ledger outages
 
 #[test]
 fn with_redis_killed_and_restarted_requests_are_served_from_leases_or_refused_with_503_and_service_resumes_by_itself()
@@ -1114,7 +1576,192 @@ fn with_redis_killed_and_restarted_requests_are_served_from_leases_or_refused_wi
     );
 }
 
-// ================================================================ 8. Postgres stopped
+#[test]
+fn a_redis_outage_longer_than_the_ttl_fences_the_instance_and_conservation_stays_exact() {
+    const TTL_MS: u64 = 2_000;
+    const WAIT_MS: u64 = 1_000;
+    const FUNDS: i64 = 50_000_000;
+    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
+    let mut stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS).env("BURNCLOUD_LEDGER_WAIT_MS", WAIT_MS);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 3}));
+
+    let load = Load::start(gw.addr, &keys, 16, None);
+    load.wait_ok(1_000, Duration::from_secs(30));
+    stack.redis().kill();
+    pause(Duration::from_millis(TTL_MS * 3 / 2));
+    stack.redis().restart();
+    let ok_at_restart = load.ok();
+    wait_for(Duration::from_secs(15), "service to resume", || {
+        (load.ok() > ok_at_restart + 500).then_some(())
+    });
+    let tally = load.stop();
+
+    tally.assert_only(&["503 service_unavailable"]);
+    assert!(
+        tally.max_latency() < Duration::from_millis(WAIT_MS + 1_500),
+        "a request waited {:?}",
+        tally.max_latency()
+    );
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&tally.ok_ids());
+    audit.assert_settled_user(user, FUNDS);
+    eprintln!("outage past the TTL: answers {:?}", tally.by_answer());
+}
+
+// ================================================================ a ledger that lost its state
+
+#[test]
+fn after_redis_loses_its_data_the_gateway_keeps_serving_and_reopens_accounts_at_the_database_quota() {
+    const FUNDS: i64 = 100_000;
+    const COST: i64 = PROMPT + 8;
+    let Some(redis) = Redis::volatile() else { return };
+    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
+        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    let key = keys[0].key.clone();
+    stack.mock.behave(usage(PROMPT, COST - PROMPT));
+    let mut served = Vec::new();
+    let serve = |gw: &Gateway, served: &mut Vec<String>, when: &str| {
+        let r = chat_request(&key).send(gw.addr);
+        assert_eq!(r.status, 200, "a request {when}: {}", r.text());
+        served.push(request_id(&r));
+    };
+    for _ in 0..5 {
+        serve(&gw, &mut served, "before the ledger lost its data");
+    }
+    wait_user(&gw, user, "the spend to be reported", |l| l.reported == 5 * COST);
+
+    for (phase, lose) in [("FLUSHALL", true), ("a restart without persistence", false)] {
+        // While idle, every lease vanishes from the ledger. Requests go on being served (from the
+        // lease a worker still holds, until the gateway notices); the first one that needs a lease
+        // afterwards reopens the account from the database.
+        if lose {
+            assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
+        } else {
+            stack.redis().restart();
+        }
+        let reopened =
+            wait_for(Duration::from_secs(10), "the account to be reopened from the database", || {
+                serve(&gw, &mut served, &format!("after {phase}"));
+                let l = user_ledger(&gw, user);
+                l.opened.then_some(l)
+            });
+        for _ in 0..5 {
+            serve(&gw, &mut served, &format!("after {phase}"));
+        }
+        assert!(gw.terminate().success());
+        let audit = stack.audit_after_stop(&[user], &[]);
+        let spent = served.len() as i64 * COST;
+        audit.assert_one_log_per_success(&served);
+        let l = audit.users[&user];
+        let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
+        assert_eq!(quota, FUNDS - spent, "{:?}", audit.db_users[&user]);
+        assert_eq!(l.held, 0, "after {phase}: {l:?}");
+        assert_eq!(
+            l.balance, quota,
+            "after {phase}: the reopened ledger balance is not the database quota: {l:?}"
+        );
+        eprintln!("after {phase}: reopened as {reopened:?}, at the end {l:?}, database quota {quota}");
+        gw = stack.gateway(0);
+    }
+}
+
+#[test]
+fn when_redis_loses_its_data_under_load_no_request_is_charged_twice() {
+    const FUNDS: i64 = 50_000_000;
+    let Some(redis) = Redis::volatile() else { return };
+    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
+        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 5}));
+
+    let load = Load::start(gw.addr, &keys, 32, None);
+    load.wait_ok(2_000, Duration::from_secs(30));
+    assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
+    load.wait_ok(2_000, Duration::from_secs(30));
+    let tally = load.stop();
+
+    tally.assert_only(&["503 service_unavailable"]);
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+    audit.assert_one_log_per_success(&tally.ok_ids());
+    let l = audit.users[&user];
+    let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
+    assert_eq!(quota, FUNDS - audit.spent_by_user(user));
+    assert_eq!(l.held, 0, "{l:?}");
+    // The reopened account may have missed spend still in the storage queue (in the user's favour),
+    // never count a request twice.
+    assert!(
+        l.balance >= quota,
+        "the ledger holds {} less than the database: requests were charged twice: {l:?}",
+        quota - l.balance
+    );
+    eprintln!(
+        "FLUSHALL under load: ledger {l:?}, database quota {quota} (ledger − database = {}); answers {:?}",
+        l.balance - quota,
+        tally.by_answer()
+    );
+}
+
+#[test]
+fn requests_in_flight_when_redis_loses_its_data_are_not_charged_twice_when_the_account_is_reopened() {
+    const FUNDS: i64 = 1_000_000;
+    const IN_FLIGHT: usize = 32;
+    let Some(redis) = Redis::volatile() else { return };
+    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
+        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
+    let mut gw = stack.first_gateway();
+    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
+    let key = keys[0].key.clone();
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..4 {
+        assert_eq!(chat_request(&key).send(gw.addr).status, 200);
+    }
+
+    // Requests admitted from the old leases, still at the upstream when the ledger loses its data;
+    // the gateway notices (a heartbeat a tenth of the TTL later) before they settle.
+    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 600}));
+    let in_flight: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| {
+            let (addr, key) = (gw.addr, key.clone());
+            std::thread::spawn(move || chat_request(&key).send(addr))
+        })
+        .collect();
+    pause(Duration::from_millis(150));
+    assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
+    for t in in_flight {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Their consume events reach the database; then the account is reopened from it.
+    wait_for(SETTLE_WAIT, "the consume events to be committed", || {
+        (consume_logs(&gw, "").len() == 4 + IN_FLIGHT).then_some(())
+    });
+    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
+    for _ in 0..4 {
+        assert_eq!(chat_request(&key).send(gw.addr).status, 200);
+    }
+    assert!(gw.terminate().success());
+    let audit = stack.audit_after_stop(&[user], &[]);
+
+    let l = audit.users[&user];
+    let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
+    assert_eq!(quota, FUNDS - (8 + IN_FLIGHT as i64) * PRE);
+    assert_eq!(l.held, 0, "{l:?}");
+    assert_eq!(
+        l.balance,
+        quota,
+        "the reopened ledger and the database disagree by {}: {l:?}",
+        quota - l.balance
+    );
+}
+
+// ================================================================ database outage
 
 #[test]
 fn with_postgres_stopped_and_restarted_under_load_no_billing_event_is_lost() {
@@ -1157,57 +1804,7 @@ fn with_postgres_stopped_and_restarted_under_load_no_billing_event_is_lost() {
     );
 }
 
-// ================================================================ 9. streams
-
-#[test]
-fn a_stream_cut_by_the_upstream_takes_the_locally_counted_cost_from_the_balance_not_the_pre_deduction() {
-    const FUNDS: i64 = 100_000;
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
-    let key = &keys[0].key;
-    let stream = |max_tokens: i64| json!({"model": MODEL, "stream": true, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Say hello"}]});
-    stack.mock.behave(json!({"chunks": 8, "completion_tokens": 40, "fault": "disconnect_mid_stream", "fault_after_chunks": 2}));
-
-    let mut cut =
-        HttpRequest::post("/v1/chat/completions").bearer(key).json(&stream(200)).open(gw.addr).unwrap();
-    assert_eq!(cut.status, 200);
-    let cut_id = cut.header("x-request-id").unwrap().to_string();
-    while let Ok(Some(_)) = cut.next_event() {}
-    let log = gw.consume_log(&cut_id);
-    assert!(log["content"].as_str().unwrap_or_default().contains("counted by the gateway"), "{log}");
-    let cost = log["quota"].as_i64().unwrap();
-    assert_eq!(
-        cost,
-        log["prompt_tokens"].as_i64().unwrap() + log["completion_tokens"].as_i64().unwrap(),
-        "{log}"
-    );
-    assert!(cost > PROMPT && cost < PROMPT + 200, "billed {cost}: not prompt + delivered completion: {log}");
-
-    let l = wait_user(&gw, user, "the cut stream's cost to be reported", |l| l.reported > 0);
-    assert_eq!(l.reported, cost, "the ledger settled {} for a stream logged at {cost}: {l:?}", l.reported);
-    assert_eq!(l.balance + l.held, FUNDS - cost, "{l:?}");
-
-    // A stream the upstream ends without usage is settled from local counts the same way.
-    stack.mock.behave(json!({"chunks": 4, "completion_tokens": 12, "omit_usage": true}));
-    let plain = HttpRequest::post("/v1/chat/completions").bearer(key).json(&stream(200)).send(gw.addr);
-    assert_eq!(plain.status, 200);
-    let plain_log = gw.consume_log(&request_id(&plain));
-    assert!(
-        plain_log["content"].as_str().unwrap_or_default().contains("counted by the gateway"),
-        "{plain_log}"
-    );
-    let total = cost + plain_log["quota"].as_i64().unwrap();
-    wait_user(&gw, user, &format!("both streams ({total}) to be reported"), |l| l.reported == total);
-
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_one_log_per_success(&[cut_id, request_id(&plain)]);
-    audit.assert_settled_user(user, FUNDS);
-    assert_eq!(audit.users[&user].balance, FUNDS - total);
-}
-
-// ================================================================ 10. rate limits
+// ================================================================ rate limits
 
 /// Waits, if needed, until the current minute has more than `needed` left, so that a test of a
 /// per-minute limit runs inside one fixed window.
@@ -1298,609 +1895,4 @@ fn a_key_limited_in_tokens_per_minute_is_refused_with_429_once_its_tokens_are_sp
         "only {ok} requests of {PRE} tokens served under {TPM} per minute"
     );
     eprintln!("tpm {TPM}: {ok} requests served ({tokens} tokens)");
-}
-
-// ================================================================ 11. a ledger that lost its state
-
-#[test]
-fn after_redis_loses_its_data_the_gateway_keeps_serving_and_reopens_accounts_at_the_database_quota() {
-    const FUNDS: i64 = 100_000;
-    const COST: i64 = PROMPT + 8;
-    let Some(redis) = Redis::volatile() else { return };
-    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
-        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
-    let key = keys[0].key.clone();
-    stack.mock.behave(usage(PROMPT, COST - PROMPT));
-    let mut served = Vec::new();
-    let serve = |gw: &Gateway, served: &mut Vec<String>, when: &str| {
-        let r = chat_request(&key).send(gw.addr);
-        assert_eq!(r.status, 200, "a request {when}: {}", r.text());
-        served.push(request_id(&r));
-    };
-    for _ in 0..5 {
-        serve(&gw, &mut served, "before the ledger lost its data");
-    }
-    wait_user(&gw, user, "the spend to be reported", |l| l.reported == 5 * COST);
-
-    for (phase, lose) in [("FLUSHALL", true), ("a restart without persistence", false)] {
-        // While idle, every lease vanishes from the ledger. Requests go on being served (from the
-        // lease a worker still holds, until the gateway notices); the first one that needs a lease
-        // afterwards reopens the account from the database.
-        if lose {
-            assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
-        } else {
-            stack.redis().restart();
-        }
-        let reopened =
-            wait_for(Duration::from_secs(10), "the account to be reopened from the database", || {
-                serve(&gw, &mut served, &format!("after {phase}"));
-                let l = user_ledger(&gw, user);
-                l.opened.then_some(l)
-            });
-        for _ in 0..5 {
-            serve(&gw, &mut served, &format!("after {phase}"));
-        }
-        assert!(gw.terminate().success());
-        let audit = stack.audit_after_stop(&[user], &[]);
-        let spent = served.len() as i64 * COST;
-        audit.assert_one_log_per_success(&served);
-        let l = audit.users[&user];
-        let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
-        assert_eq!(quota, FUNDS - spent, "{:?}", audit.db_users[&user]);
-        assert_eq!(l.held, 0, "after {phase}: {l:?}");
-        assert_eq!(
-            l.balance, quota,
-            "after {phase}: the reopened ledger balance is not the database quota: {l:?}"
-        );
-        eprintln!("after {phase}: reopened as {reopened:?}, at the end {l:?}, database quota {quota}");
-        gw = stack.gateway(0);
-    }
-}
-
-// ================================================================ more ways to stop
-
-/// `kill -SIG pid`.
-fn signal(pid: u32, sig: &str) {
-    let sent = std::process::Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
-    assert!(matches!(sent, Ok(s) if s.success()), "kill -{sig} {pid}: {sent:?}");
-}
-
-fn graceful_stop_under_load_loses_nothing(kind: LedgerKind) {
-    const FUNDS: i64 = 50_000_000;
-    let Some(stack) = Stack::new(kind, TestDatabase::new()) else { return };
-    let stack = stack.env("BURNCLOUD_DRAIN_TIMEOUT_MS", 10_000);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
-    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 20}));
-
-    let load = Load::start(gw.addr, &keys, 32, None);
-    load.wait_ok(2_000, Duration::from_secs(30));
-    let stopping = Instant::now();
-    let status = gw.terminate();
-    let stop_took = stopping.elapsed();
-    let tally = load.stop();
-
-    assert!(status.success(), "the gateway exited with {status:?} under load");
-    // After the stop, new connections are refused (transport errors); nothing else may fail.
-    tally.assert_only(&["0 transport error"]);
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_one_log_per_success(&tally.ok_ids());
-    audit.assert_settled_user(user, FUNDS);
-    eprintln!("{kind:?}: SIGTERM under load: stopped in {stop_took:?}; answers {:?}", tally.by_answer());
-}
-
-#[test]
-fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_request_on_the_embedded_ledger() {
-    graceful_stop_under_load_loses_nothing(LedgerKind::Embedded);
-}
-
-#[test]
-fn a_graceful_stop_under_load_returns_every_lease_and_reports_every_settled_request_on_redis() {
-    graceful_stop_under_load_loses_nothing(LedgerKind::Redis);
-}
-
-#[test]
-fn a_paused_instance_is_fenced_by_its_sibling_and_once_resumed_pays_for_everything_it_served() {
-    const TTL_MS: u64 = 2_000;
-    const FUNDS: i64 = 50_000_000;
-    let Some(db) = TestDatabase::postgres_if_available() else { return };
-    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
-    let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
-    let mut a = stack.first_gateway();
-    let (shared, shared_keys) = user_with_keys(&a, FUNDS, 8, &[]);
-    let (paused, paused_keys) = user_with_keys(&a, FUNDS, 4, &[]);
-    let mut b = stack.gateway(1);
-    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 3}));
-
-    let on_a = Load::start(a.addr, &shared_keys, 8, None);
-    let paused_on_a = Load::start(a.addr, &paused_keys, 4, None);
-    let on_b = Load::start(b.addr, &shared_keys, 8, None);
-    on_a.wait_ok(1_000, Duration::from_secs(30));
-    paused_on_a.wait_ok(500, Duration::from_secs(30));
-
-    // Stopped past its TTL, the instance is reaped by its sibling: its rows go back to the balances.
-    signal(a.pid(), "STOP");
-    let stopped_at = Instant::now();
-    let reaped =
-        wait_for(Duration::from_millis(TTL_MS * 4), "the paused instance's leases to be reaped", || {
-            let l = user_ledger(&b, paused);
-            (l.held == 0).then_some(l)
-        });
-    let reaped_after = stopped_at.elapsed();
-    assert!(reaped_after >= Duration::from_millis(TTL_MS * 8 / 10), "reaped after only {reaped_after:?}");
-    assert_eq!(reaped.balance + reaped.reported, FUNDS, "{reaped:?}");
-
-    // Resumed, it learns it was fenced, continues under a new id, and reports what it served as debt.
-    signal(a.pid(), "CONT");
-    let resumed_at = Instant::now();
-    let ok_at_resume = on_a.ok();
-    wait_for(Duration::from_secs(15), "the resumed instance to serve again", || {
-        (on_a.ok() > ok_at_resume + 200).then_some(())
-    });
-    let serving_after = resumed_at.elapsed();
-    let tallies = [on_a.stop(), paused_on_a.stop(), on_b.stop()];
-    assert!(a.terminate().success() && b.terminate().success());
-    let audit = stack.audit_after_stop(&[shared, paused], &[]);
-
-    let ok: Vec<String> = tallies.iter().flat_map(Tally::ok_ids).collect();
-    for t in &tallies {
-        t.assert_only(&["503 service_unavailable"]);
-    }
-    audit.assert_one_log_per_success(&ok);
-    audit.assert_settled_user(shared, FUNDS);
-    audit.assert_settled_user(paused, FUNDS);
-    eprintln!(
-        "paused: reaped after {reaped_after:?}, serving again {serving_after:?} after SIGCONT; answers {:?} {:?} {:?}",
-        tallies[0].by_answer(),
-        tallies[1].by_answer(),
-        tallies[2].by_answer()
-    );
-}
-
-#[test]
-fn a_redis_outage_longer_than_the_ttl_fences_the_instance_and_conservation_stays_exact() {
-    const TTL_MS: u64 = 2_000;
-    const WAIT_MS: u64 = 1_000;
-    const FUNDS: i64 = 50_000_000;
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
-    let mut stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS).env("BURNCLOUD_LEDGER_WAIT_MS", WAIT_MS);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
-    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 3}));
-
-    let load = Load::start(gw.addr, &keys, 16, None);
-    load.wait_ok(1_000, Duration::from_secs(30));
-    stack.redis().kill();
-    pause(Duration::from_millis(TTL_MS * 3 / 2));
-    stack.redis().restart();
-    let ok_at_restart = load.ok();
-    wait_for(Duration::from_secs(15), "service to resume", || {
-        (load.ok() > ok_at_restart + 500).then_some(())
-    });
-    let tally = load.stop();
-
-    tally.assert_only(&["503 service_unavailable"]);
-    assert!(
-        tally.max_latency() < Duration::from_millis(WAIT_MS + 1_500),
-        "a request waited {:?}",
-        tally.max_latency()
-    );
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_one_log_per_success(&tally.ok_ids());
-    audit.assert_settled_user(user, FUNDS);
-    eprintln!("outage past the TTL: answers {:?}", tally.by_answer());
-}
-
-#[test]
-fn a_request_the_upstream_fails_is_not_charged_and_its_pre_deduction_comes_back_whole() {
-    const FUNDS: i64 = 100_000;
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
-    stack.mock.behave(json!({"status": 500, "body": {"error": {"message": "down", "type": "server_error"}}}));
-
-    for _ in 0..5 {
-        assert_refused(&chat_request(&keys[0].key).send(gw.addr), 502, "upstream_error");
-    }
-    stack.mock.behave(json!({"fault": "close_before_response"}));
-    assert_refused(&chat_request(&keys[0].key).send(gw.addr), 502, "upstream_error");
-
-    let l = user_ledger(&gw, user);
-    assert_eq!(l.balance + l.held, FUNDS, "{l:?}");
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    assert!(audit.logs.is_empty(), "failed requests were logged: {:?}", audit.logs);
-    audit.assert_settled_user(user, FUNDS);
-    assert_eq!(audit.users[&user].balance, FUNDS);
-}
-
-#[test]
-fn a_top_up_made_while_redis_is_down_reaches_the_ledger_once_it_is_back() {
-    const TTL_MS: u64 = 3_000;
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
-    let mut stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, 1_000, 1, &[]);
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200);
-    let before = user_ledger(&gw, user);
-
-    stack.redis().kill();
-    let topped = gw.api("POST", &format!("/api/user/{user}/topup"), Some(&json!({"quota": 5_000})));
-    assert_eq!(
-        topped["quota"],
-        1_000 - PRE + 5_000,
-        "the database takes the top-up while Redis is down: {topped}"
-    );
-    stack.redis().restart();
-    let after = wait_for(Duration::from_millis(TTL_MS * 2), "the top-up to reach the ledger", || {
-        let l = user_ledger(&gw, user);
-        (l.funded == 6_000).then_some(l)
-    });
-    assert_eq!(after.balance - before.balance, 5_000, "{before:?} → {after:?}");
-    assert_eq!(after.balance + after.held + after.reported, 6_000, "{after:?}");
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_settled_user(user, 6_000);
-}
-
-#[test]
-fn lowering_a_users_quota_takes_effect_at_once_even_on_money_the_workers_hold_in_leases() {
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, 1_000_000, 1, &[]);
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    for _ in 0..50 {
-        assert_eq!(chat_request(&keys[0].key).send(gw.addr).status, 200);
-    }
-    let leased = user_ledger(&gw, user);
-    assert!(leased.held > 10 * PRE, "the workers hold leases: {leased:?}");
-
-    // Nothing left to spend: the leases the workers hold must not keep the user going.
-    gw.api("PUT", &format!("/api/user/{user}"), Some(&json!({"quota": 0})));
-    let after: Vec<u16> = (0..20).map(|_| chat_request(&keys[0].key).send(gw.addr).status).collect();
-
-    let served = after.iter().filter(|s| **s == 200).count();
-    assert!(
-        served <= 4,
-        "{served} of 20 requests were served after the quota was set to 0 (only those racing the recall's \
-         round trip may slip in): {after:?}"
-    );
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    let db = &audit.db_users[&user];
-    assert!(db["quota"].as_i64().unwrap() >= -2 * PRE, "the user's quota went to {}", db["quota"]);
-    audit.assert_settled_user(user, 50 * PRE);
-    eprintln!("quota set to 0 with {} leased: {served} more served, {after:?}", leased.held);
-}
-
-#[test]
-fn lowering_a_keys_remain_quota_takes_effect_at_once_even_on_money_the_workers_hold_in_leases() {
-    let Some(stack) = Stack::new(LedgerKind::Redis, TestDatabase::new()) else { return };
-    let gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, 10_000_000, 1, &[1_000_000]);
-    let key = &keys[0];
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    for _ in 0..50 {
-        assert_eq!(chat_request(&key.key).send(gw.addr).status, 200);
-    }
-    assert!(key_ledger(&gw, key.id).held > 10 * PRE);
-
-    gw.api("PUT", &format!("/api/token/{}", key.id), Some(&json!({"remain_quota": 1})));
-    let after: Vec<Response> = (0..20).map(|_| chat_request(&key.key).send(gw.addr)).collect();
-
-    let served = after.iter().filter(|r| r.status == 200).count();
-    assert!(served <= 4, "{served} of 20 requests were served after remain_quota was set to 1");
-    for r in after.iter().filter(|r| r.status != 200) {
-        assert_refused(r, 403, "token_quota_exhausted");
-    }
-    let u = user_ledger(&gw, user);
-    assert_eq!(u.balance + u.held + u.reported, 10_000_000, "{u:?}");
-}
-
-#[test]
-fn lowering_a_users_quota_at_one_instance_takes_effect_at_once_at_the_others() {
-    let Some(db) = TestDatabase::postgres_if_available() else { return };
-    let Some(stack) = Stack::new(LedgerKind::Redis, db) else { return };
-    let a = stack.first_gateway();
-    let (user, keys) = user_with_keys(&a, 1_000_000, 1, &[]);
-    let b = stack.gateway(1);
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    for _ in 0..50 {
-        assert_eq!(chat_request(&keys[0].key).send(b.addr).status, 200);
-    }
-
-    a.api("PUT", &format!("/api/user/{user}"), Some(&json!({"quota": 0})));
-    // The change is announced to b through Redis within milliseconds; b then reads the key's owner
-    // again, sees a newer funding version and gives its lease back.
-    pause(Duration::from_millis(200));
-    let after: Vec<u16> = (0..20).map(|_| chat_request(&keys[0].key).send(b.addr).status).collect();
-
-    let served = after.iter().filter(|s| **s == 200).count();
-    assert!(
-        served <= 4,
-        "{served} of 20 requests were served by the other instance after the quota was set to 0"
-    );
-}
-
-// ================================================================ what the pre-deduction is
-
-/// Sends `body` with `key` and says whether it was served (200) or refused for the user's balance.
-fn served(gw: &Gateway, key: &str, body: &Value) -> bool {
-    let r = gw.chat(key, body);
-    match r.status {
-        200 => true,
-        403 if code_of(&r) == "insufficient_user_quota" => false,
-        _ => panic!("neither served nor refused for the balance: HTTP {} {}", r.status, r.text()),
-    }
-}
-
-#[test]
-fn the_pre_deduction_follows_max_tokens_pre_deduct_max_tokens_group_ratios_and_per_call_prices() {
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let gw = stack.first_gateway();
-    gw.create_channel(
-        json!({"base_url": stack.mock.base_url(), "models": "gpt-call", "group": "default,vip"}),
-    );
-    gw.create_channel(json!({"base_url": stack.mock.base_url(), "models": MODEL, "group": "vip"}));
-    gw.put_option("ModelPrice", &json!({"gpt-call": 0.001}).to_string()); // 500 quota per call
-    gw.put_option("GroupRatio", &json!({"default": 1, "vip": 2}).to_string());
-    stack.mock.behave(usage(1, 1));
-    let no_max = json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hello"}]});
-    let call = json!({"model": "gpt-call", "messages": [{"role": "user", "content": "Say hello"}]});
-    // A fresh user (so nothing is leased yet) with exactly `quota`, and its key.
-    let fresh = |group: &str, quota: i64| {
-        let user = gw.create_user(json!({"quota": quota, "group": group}));
-        gw.create_token(user, json!({})).key
-    };
-
-    // Without max_tokens: the prompt plus PreDeductMaxTokens (1024 by default) completion tokens.
-    assert!(!served(&gw, &fresh("default", PROMPT + 1024 - 1), &no_max));
-    assert!(served(&gw, &fresh("default", PROMPT + 1024), &no_max));
-    gw.put_option("PreDeductMaxTokens", "100");
-    assert!(!served(&gw, &fresh("default", PROMPT + 100 - 1), &no_max));
-    assert!(served(&gw, &fresh("default", PROMPT + 100), &no_max));
-    // A group ratio multiplies the pre-deduction.
-    assert!(!served(&gw, &fresh("vip", 2 * PRE - 1), &ask()));
-    assert!(served(&gw, &fresh("vip", 2 * PRE), &ask()));
-    // A per-call price is the pre-deduction and the cost, times the group ratio.
-    let key = fresh("default", 1_000);
-    assert!(served(&gw, &key, &call) && served(&gw, &key, &call) && !served(&gw, &key, &call));
-    let vip = fresh("vip", 1_999);
-    assert!(served(&gw, &vip, &call) && !served(&gw, &vip, &call));
-    let mut charged: Vec<i64> =
-        consume_logs(&gw, "model=gpt-call").iter().map(|l| l["quota"].as_i64().unwrap()).collect();
-    charged.sort();
-    assert_eq!(charged, [500, 500, 1_000]);
-}
-
-#[test]
-fn when_redis_loses_its_data_under_load_no_request_is_charged_twice() {
-    const FUNDS: i64 = 50_000_000;
-    let Some(redis) = Redis::volatile() else { return };
-    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
-        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 8, &[]);
-    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 5}));
-
-    let load = Load::start(gw.addr, &keys, 32, None);
-    load.wait_ok(2_000, Duration::from_secs(30));
-    assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
-    load.wait_ok(2_000, Duration::from_secs(30));
-    let tally = load.stop();
-
-    tally.assert_only(&["503 service_unavailable"]);
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_one_log_per_success(&tally.ok_ids());
-    let l = audit.users[&user];
-    let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
-    assert_eq!(quota, FUNDS - audit.spent_by_user(user));
-    assert_eq!(l.held, 0, "{l:?}");
-    // The reopened account may have missed spend still in the storage queue (in the user's favour),
-    // never count a request twice.
-    assert!(
-        l.balance >= quota,
-        "the ledger holds {} less than the database: requests were charged twice: {l:?}",
-        quota - l.balance
-    );
-    eprintln!(
-        "FLUSHALL under load: ledger {l:?}, database quota {quota} (ledger − database = {}); answers {:?}",
-        l.balance - quota,
-        tally.by_answer()
-    );
-}
-
-#[test]
-fn a_client_that_hangs_up_is_still_billed_for_what_the_upstream_produced() {
-    const FUNDS: i64 = 100_000;
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
-    let key = &keys[0].key;
-
-    // Mid-stream: billed for the prompt and the completion delivered before the gateway noticed.
-    stack.mock.behave(json!({"chunks": 10, "chunk_gap_ms": 100, "completion_tokens": 50}));
-    let body = json!({"model": MODEL, "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "Say hello"}]});
-    let mut stream = HttpRequest::post("/v1/chat/completions").bearer(key).json(&body).open(gw.addr).unwrap();
-    let streamed = stream.header("x-request-id").unwrap().to_string();
-    for _ in 0..3 {
-        stream.next_event().unwrap();
-    }
-    drop(stream);
-    let log = wait_for(SETTLE_WAIT, "the abandoned stream's consume log", || {
-        consume_logs(&gw, "").into_iter().find(|l| l["request_id"] == json!(streamed))
-    });
-    let stream_cost = log["quota"].as_i64().unwrap();
-    assert!(
-        stream_cost > PROMPT && stream_cost < PROMPT + 50,
-        "billed {stream_cost} for a stream abandoned after 3 of 10 chunks: {log}"
-    );
-
-    // Before the answer: the request runs to its end and is billed in full.
-    stack.mock.behave(json!({"latency_ms": 500, "prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS}));
-    let mut raw = std::net::TcpStream::connect(gw.addr).unwrap();
-    let payload = ask().to_string();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        payload.len()
-    );
-    std::io::Write::write_all(&mut raw, format!("{head}{payload}").as_bytes()).unwrap();
-    pause(Duration::from_millis(100));
-    drop(raw);
-    let logs = wait_for(SETTLE_WAIT, "the abandoned request's consume log", || {
-        let logs = consume_logs(&gw, "");
-        (logs.len() == 2).then_some(logs)
-    });
-    assert!(logs.iter().any(|l| l["quota"] == PRE), "{logs:?}");
-
-    let spent = stream_cost + PRE;
-    wait_user(&gw, user, &format!("both ({spent}) to be reported"), |l| l.reported == spent);
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_settled_user(user, FUNDS);
-    assert_eq!(audit.users[&user].balance, FUNDS - spent);
-}
-
-#[test]
-fn a_small_balance_is_spent_to_the_last_request_by_concurrent_clients_on_four_workers() {
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let stack = stack.env("BURNCLOUD_WORKERS", 4);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, 10 * PRE, 4, &[]);
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-
-    // Short connections: the requests land on all four workers.
-    let ok = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..16)
-        .map(|i| {
-            let (addr, key, ok) = (gw.addr, keys[i % 4].key.clone(), ok.clone());
-            std::thread::spawn(move || {
-                let mut answers = Vec::new();
-                for _ in 0..10 {
-                    let r = chat_request(&key).send(addr);
-                    if r.status == 200 {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    answers.push((r.status, code_of(&r)));
-                }
-                answers
-            })
-        })
-        .collect();
-    let answers: Vec<(u16, String)> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
-
-    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s != 200).collect();
-    assert!(refused.iter().all(|(s, c)| *s == 403 && c == "insufficient_user_quota"), "{refused:?}");
-    assert_eq!(
-        ok.load(Ordering::Relaxed),
-        10,
-        "ten requests' worth of balance served {} requests",
-        ok.load(Ordering::Relaxed)
-    );
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_settled_user(user, 10 * PRE);
-    assert_eq!(audit.users[&user].balance, 0);
-}
-
-#[test]
-fn requests_in_flight_when_redis_loses_its_data_are_not_charged_twice_when_the_account_is_reopened() {
-    const FUNDS: i64 = 1_000_000;
-    const IN_FLIGHT: usize = 32;
-    let Some(redis) = Redis::volatile() else { return };
-    let mut stack = Stack::with_redis(LedgerKind::Redis, TestDatabase::new(), Some(redis))
-        .env("BURNCLOUD_LEASE_TTL_MS", 1_000);
-    let mut gw = stack.first_gateway();
-    let (user, keys) = user_with_keys(&gw, FUNDS, 1, &[]);
-    let key = keys[0].key.clone();
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    for _ in 0..4 {
-        assert_eq!(chat_request(&key).send(gw.addr).status, 200);
-    }
-
-    // Requests admitted from the old leases, still at the upstream when the ledger loses its data;
-    // the gateway notices (a heartbeat a tenth of the TTL later) before they settle.
-    stack.mock.behave(json!({"prompt_tokens": PROMPT, "completion_tokens": MAX_TOKENS, "latency_ms": 600}));
-    let in_flight: Vec<_> = (0..IN_FLIGHT)
-        .map(|_| {
-            let (addr, key) = (gw.addr, key.clone());
-            std::thread::spawn(move || chat_request(&key).send(addr))
-        })
-        .collect();
-    pause(Duration::from_millis(150));
-    assert_eq!(stack.redis().command("FLUSHALL").unwrap(), "+OK");
-    for t in in_flight {
-        let r = t.join().unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
-    // Their consume events reach the database; then the account is reopened from it.
-    wait_for(SETTLE_WAIT, "the consume events to be committed", || {
-        (consume_logs(&gw, "").len() == 4 + IN_FLIGHT).then_some(())
-    });
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    for _ in 0..4 {
-        assert_eq!(chat_request(&key).send(gw.addr).status, 200);
-    }
-    assert!(gw.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-
-    let l = audit.users[&user];
-    let quota = audit.db_users[&user]["quota"].as_i64().unwrap();
-    assert_eq!(quota, FUNDS - (8 + IN_FLIGHT as i64) * PRE);
-    assert_eq!(l.held, 0, "{l:?}");
-    assert_eq!(
-        l.balance,
-        quota,
-        "the reopened ledger and the database disagree by {}: {l:?}",
-        quota - l.balance
-    );
-}
-
-#[test]
-fn after_a_sigkill_on_the_embedded_ledger_the_restarted_process_reaps_its_predecessors_leases_after_the_ttl()
-{
-    const TTL_MS: u64 = 1_000;
-    let Some(stack) = Stack::new(LedgerKind::Embedded, TestDatabase::new()) else { return };
-    let stack = stack.env("BURNCLOUD_LEASE_TTL_MS", TTL_MS);
-    let mut gw = stack.first_gateway();
-    // Ten requests' worth: the first worker's lease holds all of it.
-    let (user, keys) = user_with_keys(&gw, 10 * PRE, 1, &[]);
-    stack.mock.behave(usage(PROMPT, MAX_TOKENS));
-    let mut served = Vec::new();
-    for _ in 0..3 {
-        let r = chat_request(&keys[0].key).send(gw.addr);
-        assert_eq!(r.status, 200, "{}", r.text());
-        served.push(request_id(&r));
-    }
-    wait_for(SETTLE_WAIT, "the spend to be logged and reported", || {
-        (consume_logs(&gw, "").len() == 3 && user_ledger(&gw, user).reported == 3 * PRE).then_some(())
-    });
-    gw.kill();
-    let killed_at = Instant::now();
-    let mut restarted = stack.gateway(0);
-    let killed = user_ledger(&restarted, user);
-    assert!(killed.held > 0, "the killed process held no lease: {killed:?}");
-    let reaped =
-        wait_for(Duration::from_millis(TTL_MS * 5), "the dead process's leases to be reaped", || {
-            let l = user_ledger(&restarted, user);
-            (l.held == 0).then_some(l)
-        });
-    assert_eq!(reaped.balance, 7 * PRE, "{reaped:?}");
-    eprintln!("embedded ledger: the dead process's lease reaped {:?} after the kill", killed_at.elapsed());
-    for _ in 0..7 {
-        let r = chat_request(&keys[0].key).send(restarted.addr);
-        assert_eq!(r.status, 200, "the reaped balance must be spendable: {}", r.text());
-        served.push(request_id(&r));
-    }
-    assert_refused(&chat_request(&keys[0].key).send(restarted.addr), 403, "insufficient_user_quota");
-    assert!(restarted.terminate().success());
-    let audit = stack.audit_after_stop(&[user], &[]);
-    audit.assert_one_log_per_success(&served);
-    audit.assert_settled_user(user, 10 * PRE);
 }
