@@ -1,5 +1,7 @@
 //! The end-to-end test harness: the real `burncloud` binary and the project's mock upstream as child
-//! processes, a small blocking HTTP/1.1 client, and management-API helpers.
+//! processes, a small blocking HTTP/1.1 client (one request per connection, or keep-alive with
+//! [`Client`]), and management-API helpers; for billing tests also a `redis-server` ([`Redis`]) and a
+//! Postgres cluster ([`PgCluster`]) of the test's own, to kill, stop and restart under load.
 //!
 //! Owns process lifetimes and test isolation: every child is killed on drop, every wait is bounded
 //! (reads time out, start-up and exit waits give up after [`WAIT`]), and every gateway gets a fresh
