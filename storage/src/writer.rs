@@ -25,6 +25,8 @@ use crate::{ChannelFilter, ConfigData, ConsumeEvent, ExportData, ImportSummary, 
 /// First retry delay after a failed batch; doubled per failure up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A transaction written under a burst may hold this many times `batch_size` events.
+const BATCH_LIMIT_FACTOR: usize = 8;
 /// Attempts to write the last events at shutdown before giving up (and spilling them).
 const SHUTDOWN_ATTEMPTS: u32 = 3;
 
@@ -166,13 +168,37 @@ impl Writer {
             };
             match msg {
                 Ok(Command::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
-                Ok(Command::Consume(ev)) => self.push(ev),
+                Ok(Command::Consume(ev)) => {
+                    self.push(ev);
+                    if self.drain_consumes().await {
+                        break;
+                    }
+                }
                 Ok(cmd) => self.serve(cmd).await,
                 Err(RecvTimeoutError::Timeout) => {}
             }
             self.maybe_flush().await;
         }
         self.finish().await
+    }
+
+    /// Under a burst, takes every consume event already queued (up to [`BATCH_LIMIT_FACTOR`] batches)
+    /// so that one transaction writes them all instead of one per `batch_size`; other commands met on
+    /// the way are served in order. Whether a shutdown was met.
+    async fn drain_consumes(&mut self) -> bool {
+        if self.pending < self.batch_size {
+            return false;
+        }
+        let limit = self.batch_size.saturating_mul(BATCH_LIMIT_FACTOR);
+        while self.pending < limit {
+            match self.rx.try_recv() {
+                Ok(Command::Consume(ev)) => self.push(ev),
+                Ok(Command::Shutdown) => return true,
+                Ok(cmd) => self.serve(cmd).await,
+                Err(_) => break,
+            }
+        }
+        false
     }
 
     fn publish_pending(&self) {
