@@ -905,8 +905,15 @@ fn a_change_at_one_instance_reaches_another_sharing_redis_at_once() {
         GatewayOptions::new().env("BURNCLOUD_REDIS_URL", &redis).env("BURNCLOUD_REDIS_NAMESPACE", &namespace)
     };
     let s = setup_with(opts());
-    // One worker, so the key cached by its first request is the cache the change must reach.
-    let b = Gateway::start(opts().env("BURNCLOUD_WORKERS", 1).database(&s.gw.database()));
+    // One worker, so the key cached by its first request is the cache the change must reach. Two
+    // processes on one SQLite file work (WAL), but each needs a spill file of its own.
+    let spill = std::env::temp_dir().join(burncloud_tests::harness::unique_name("bc-reload-spill-"));
+    let b = Gateway::start(
+        opts()
+            .env("BURNCLOUD_WORKERS", 1)
+            .env("BURNCLOUD_SPILL_PATH", spill.display())
+            .database(&s.gw.database()),
+    );
     assert_eq!(b.chat(&s.key.key, &chat_body("gpt-x")).status, 200);
 
     // A key disabled at one instance is refused by the other, although the other has it cached.
