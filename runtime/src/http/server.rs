@@ -86,13 +86,7 @@ pub async fn serve_connection<S: Service>(
     service: &S,
     shutdown: &ShutdownSignal,
 ) {
-    let mut conn = Connection {
-        stream,
-        buf: BytesMut::with_capacity(rt::READ_CHUNK),
-        grown: false,
-        slots: Vec::new(),
-        limits,
-    };
+    let mut conn = Connection { stream, buf: BytesMut::new(), grown: false, slots: Vec::new(), limits };
     loop {
         let (req, exchange) = match conn.next_request(peer, shutdown).await {
             Ok(Some(next)) => next,
@@ -106,7 +100,9 @@ pub async fn serve_connection<S: Service>(
             exchange.http10,
             exchange.head_only,
         );
-        service.call(req, &mut resp).await;
+        // Boxed: a request's future is large (the relay and an upstream exchange), and a waiting
+        // keep-alive connection should not carry room for one.
+        Box::pin(service.call(req, &mut resp)).await;
         if answer_if_silent(&mut resp).await != Outcome::Reusable {
             return;
         }
@@ -192,7 +188,11 @@ impl Connection<'_> {
         if shutdown.is_triggered() {
             return false;
         }
-        let read = pin!(self.stream.read_buf(&mut self.buf));
+        if self.buf.is_empty() && self.buf.capacity() > rt::IDLE_READ {
+            // Nothing pipelined: wait with a small buffer instead of holding a full one.
+            self.buf = BytesMut::new();
+        }
+        let read = pin!(self.stream.read_buf_up_to(&mut self.buf, rt::IDLE_READ));
         let idle = pin!(rt::sleep(self.limits.idle_timeout));
         let stop = pin!(shutdown.triggered());
         match select(read, select(idle, stop)).await {

@@ -86,6 +86,18 @@ impl TcpStream {
         Ok(n)
     }
 
+    /// Reads once, appending at most `room` bytes to `buf`; small reads use no scratch buffer.
+    pub async fn read_buf_up_to(&mut self, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
+        if room >= READ_CHUNK {
+            return self.read_buf(buf).await;
+        }
+        let mut small = [0u8; super::IDLE_READ];
+        let room = room.clamp(1, small.len());
+        let n = self.inner.read(&mut small[..room]).await?;
+        buf.extend_from_slice(&small[..n]);
+        Ok(n)
+    }
+
     pub async fn write_all(&mut self, data: Bytes) -> io::Result<()> {
         self.inner.write_all(&data).await?;
         self.inner.flush().await

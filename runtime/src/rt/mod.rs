@@ -26,6 +26,10 @@ pub use glommio_backend::{Listener, TcpStream, backend_name, run_worker, sleep, 
 /// Least spare capacity a read asks the kernel to fill.
 pub const READ_CHUNK: usize = 16 * 1024;
 
+/// What an idle keep-alive connection's read may take in: enough for a typical request head and a
+/// small body, little memory held while the connection waits (the buffer grows for larger requests).
+pub const IDLE_READ: usize = 2 * 1024;
+
 /// A deadline passed before the future completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;

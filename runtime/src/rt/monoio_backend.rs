@@ -70,8 +70,14 @@ impl TcpStream {
 
     /// Reads once, appending to `buf`; `Ok(0)` is end of stream.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        self.read_buf_up_to(buf, READ_CHUNK).await
+    }
+
+    /// Reads once, appending at most about `room` bytes to `buf` (less memory held while the read
+    /// waits: io_uring owns the buffer until data arrives).
+    pub async fn read_buf_up_to(&mut self, buf: &mut BytesMut, room: usize) -> io::Result<usize> {
         let len = buf.len();
-        buf.reserve(READ_CHUNK);
+        buf.reserve(room.max(1));
         let owned = std::mem::take(buf);
         let end = owned.capacity();
         let (res, slice) = self.0.read(owned.slice_mut(len..end)).await;
