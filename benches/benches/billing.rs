@@ -7,7 +7,8 @@
 //!   adaptors API (`convert::decode_request` + `tokens::count_chat_prompt` + inline images +
 //!   `max_tokens`), for the load harness's request, a small chat request and a 10 KB one; each part
 //!   on its own, and `openai::request_info` (the relay's step 2, which already parsed the body once)
-//!   for comparison.
+//!   for comparison; and two cheaper alternatives (`alt_*`): one encode call over the whole prompt
+//!   text, and a byte-length bound with no tokenizer.
 //! - `billing_lease`: `LeaseBook::pre_deduct` + `LeaseBook::settle` on a warm lease (heartbeat
 //!   acknowledged, funded by a `ModelLedger`), for the user alone (an unlimited key, as the harness
 //!   uses) and for user + key; the same shaped like `billing::Leases` (account list and hold `Vec`s,
@@ -156,6 +157,20 @@ fn estimate_group(c: &mut Criterion) {
         });
         g.bench_function(format!("count_chat_prompt/{tag}"), |b| {
             b.iter(|| tokens::count_chat_prompt(MODEL, black_box(&decoded)))
+        });
+        // Alternatives for the runtime: one encode call over the prompt's text (no per-message
+        // calls; framing added as constants), and a byte-length bound (no tokenizer).
+        g.bench_function(format!("alt_count_prompt_text_once/{tag}"), |b| {
+            b.iter(|| {
+                let text = black_box(&decoded).prompt_text();
+                tokens::count_text(MODEL, &text) + 3 * (decoded.messages.len() as u32 + 2)
+            })
+        });
+        g.bench_function(format!("alt_decode_and_byte_bound/{tag}"), |b| {
+            b.iter(|| {
+                let r = decode_request(Protocol::OpenAi, black_box(body), &opts).unwrap();
+                r.prompt_text().len() + 4 * (r.messages.len() + 2)
+            })
         });
         g.bench_function(format!("estimate_prompt/{tag}"), |b| {
             b.iter(|| estimate_prompt(Protocol::OpenAi, MODEL, false, black_box(body)).prompt_tokens)

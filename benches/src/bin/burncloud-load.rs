@@ -66,6 +66,10 @@ struct Options {
     install_peers: bool,
     peer_dir: PathBuf,
     profile: Option<PathBuf>,
+    /// perf's `--call-graph` mode (`fp`, `dwarf`, `lbr`).
+    call_graph: String,
+    /// The commit the gateway binaries were built from, when not this checkout's (`--bin-dir`).
+    burncloud_commit: Option<String>,
     smoke: bool,
     pin: bool,
 }
@@ -84,7 +88,8 @@ const USAGE: &str =
     "usage: burncloud-load [--smoke] [--install-peers] [--systems direct,burncloud,burncloud_nobill,nginx,litellm,portkey]
   [--duration S] [--rounds N] [--connections 64,256] [--rate-duration S] [--rates 0.25,0.5,0.8]
   [--idle-connections N] [--streams N] [--peer-streams N] [--chunks N] [--chunk-gap-ms MS]
-  [--bin-dir DIR] [--out FILE.json] [--peer-dir DIR] [--profile FILE.perf] [--no-pin]";
+  [--bin-dir DIR] [--out FILE.json] [--peer-dir DIR] [--profile FILE.perf]
+  [--call-graph fp|dwarf] [--burncloud-commit REV] [--no-pin]";
 
 fn parse_args() -> Result<Options, String> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -108,6 +113,8 @@ fn parse_args() -> Result<Options, String> {
         install_peers: false,
         peer_dir: peers::cache_dir(),
         profile: None,
+        call_graph: "fp".into(),
+        burncloud_commit: None,
         smoke: false,
         pin: true,
     };
@@ -163,6 +170,8 @@ fn parse_args() -> Result<Options, String> {
             "--out" => o.out = PathBuf::from(val()?),
             "--peer-dir" => o.peer_dir = PathBuf::from(val()?),
             "--profile" => o.profile = Some(PathBuf::from(val()?)),
+            "--call-graph" => o.call_graph = val()?,
+            "--burncloud-commit" => o.burncloud_commit = Some(val()?),
             "--systems" => {
                 o.systems = val()?.split(',').map(|s| s.trim().to_string()).collect();
                 systems_set = true;
@@ -225,7 +234,8 @@ struct Measured {
     max: BTreeMap<u32, Vec<(WrkResult, Option<f64>)>>,
     loaded_rss: Option<u64>,
     idle_rss: Option<u64>,
-    fixed: Vec<(f64, RunResult)>,
+    /// (fraction of the base rate, result, CPU µs per request answered)
+    fixed: Vec<(f64, RunResult, Option<f64>)>,
     fixed_note: Option<String>,
     idle: Option<Value>,
     streams: Option<StreamResult>,
@@ -445,6 +455,7 @@ fn run(o: &Options) -> Result<(), String> {
                         Some(format!("not run: the fixed rates exceed its maximum ({max:.0} req/s)"));
                     continue;
                 }
+                let before = t.pid.and_then(procs::cpu_us);
                 let r = loadgen::run(
                     t.sock,
                     t.request.clone(),
@@ -453,18 +464,23 @@ fn run(o: &Options) -> Result<(), String> {
                     o.rate_duration,
                     Duration::from_secs(5),
                 );
+                let cpu = match (t.pid.and_then(procs::cpu_us), before) {
+                    (Some(a), Some(b)) if r.ok > 0 => Some(a.saturating_sub(b) as f64 / r.ok as f64),
+                    _ => None,
+                };
                 eprintln!(
-                    "rate {:.0}% ({rate:.0}/s) {}: {:.0} req/s p50 {:.3} p99 {:.3} p99.9 {:.3} ms errors {} unsent {}",
+                    "rate {:.0}% ({rate:.0}/s) {}: {:.0} req/s p50 {:.3} p99 {:.3} p99.9 {:.3} ms cpu {:.1} µs/req errors {} unsent {}",
                     frac * 100.0,
                     t.name,
                     r.rps,
                     r.latency.p50,
                     r.latency.p99,
                     r.latency.p999,
+                    cpu.unwrap_or(0.0),
                     r.errors,
                     r.unsent
                 );
-                measured.entry(t.name).or_default().fixed.push((*frac, r));
+                measured.entry(t.name).or_default().fixed.push((*frac, r, cpu));
             }
         }
     }
@@ -503,9 +519,20 @@ fn run(o: &Options) -> Result<(), String> {
         }
     }
 
-    // Optional: profile BurnCloud under load.
-    if let (Some(path), Some(t)) = (&o.profile, targets.iter().find(|t| t.name == "burncloud")) {
-        profile(path, t, base_conns, timeout, use_wrk, lay.load);
+    // Optional: profile BurnCloud under load, billing on (FILE) and off (FILE with `-nobill`).
+    if let Some(path) = &o.profile {
+        for t in targets.iter().filter(|t| t.name.starts_with("burncloud")) {
+            let path = match t.name.strip_prefix("burncloud") {
+                Some("") | None => path.clone(),
+                Some(rest) => {
+                    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let ext =
+                        path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+                    path.with_file_name(format!("{stem}{}{ext}", rest.replace('_', "-")))
+                }
+            };
+            profile(&path, &o.call_graph, t, base_conns, timeout, use_wrk, lay.load);
+        }
     }
 
     // A process that ended on its own during the run is reported with how it ended.
@@ -631,11 +658,20 @@ fn socket_fds(pid: u32) -> Option<usize> {
     Some(total)
 }
 
-/// `perf record -g` on BurnCloud for 5 s during a throughput run (best effort).
-fn profile(path: &Path, t: &Target, conns: u32, timeout: Duration, use_wrk: bool, cpu: Option<usize>) {
+/// `perf record -g` on BurnCloud for 5 s during a throughput run (best effort). The event is
+/// `cpu-clock` (a timer, available on VMs without hardware counters).
+fn profile(
+    path: &Path,
+    call_graph: &str,
+    t: &Target,
+    conns: u32,
+    timeout: Duration,
+    use_wrk: bool,
+    cpu: Option<usize>,
+) {
     let Some(pid) = t.pid else { return };
     let perf = Command::new("perf")
-        .args(["record", "-g", "-F", "999", "-p"])
+        .args(["record", "-e", "cpu-clock", "--call-graph", call_graph, "-F", "999", "-p"])
         .arg(pid.to_string())
         .arg("-o")
         .arg(path)
@@ -725,8 +761,9 @@ fn report(
             let fixed: Vec<Value> = m
                 .fixed
                 .iter()
-                .map(|(frac, r)| {
+                .map(|(frac, r, cpu)| {
                     json!({
+                        "cpu_us_per_req": cpu.map(round2),
                         "fraction_of_max": frac, "rate": round2(r.rate.unwrap_or(0.0)), "achieved_rps": round2(r.rps),
                         "p50_ms": round3(r.latency.p50), "p99_ms": round3(r.latency.p99),
                         "p999_ms": round3(r.latency.p999), "max_ms": round3(r.latency.max),
@@ -810,6 +847,17 @@ fn report(
         .unwrap_or_default();
     put("burncloud_billing_on_vs_off_rps_min_round".into(), paired.iter().copied().reduce(f64::min));
     put("burncloud_billing_on_vs_off_rps_max_round".into(), paired.iter().copied().reduce(f64::max));
+    // At the fixed rates both sustain, CPU per request is the cleaner comparison (no saturation).
+    let cpu_at = |sys: &str, frac: f64| {
+        measured.get(sys)?.fixed.iter().find(|(f, _, _)| *f == frac).and_then(|(_, _, c)| *c)
+    };
+    for frac in &o.rate_fractions {
+        let pct = (frac * 100.0).round() as u32;
+        put(
+            format!("burncloud_billing_cpu_us_per_req_delta_at_{pct}pct"),
+            cpu_at("burncloud", *frac).zip(cpu_at("burncloud_nobill", *frac)).map(|(on, off)| on - off),
+        );
+    }
     for sys in ["burncloud", "nginx", "litellm", "portkey"] {
         put(format!("{sys}_kib_per_idle_conn"), get(sys, "kib_per_idle_conn"));
     }
@@ -881,7 +929,7 @@ fn report(
     json!({
         "machine": machine(),
         "date": date(),
-        "burncloud_commit": commit(),
+        "burncloud_commit": o.burncloud_commit.clone().unwrap_or_else(commit),
         "versions": versions,
         "settings": {
             "smoke": o.smoke,
@@ -983,14 +1031,14 @@ fn table(r: &Value) -> String {
             "\nLatency at fixed rates (open loop, {} connections, from the scheduled send time; base: {}):\n\n",
             r["settings"]["fixed_rates"]["connections"], r["settings"]["fixed_rates"]["base"].as_str().unwrap_or("")
         ));
-        t.push_str("| system | rate | achieved req/s | p50 ms | p99 ms | p99.9 ms | p99 over direct ms |\n|---|---:|---:|---:|---:|---:|---:|\n");
+        t.push_str("| system | rate | achieved req/s | p50 ms | p99 ms | p99.9 ms | p99 over direct ms | CPU µs/req |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
         for frac in &fracs {
             let direct_p99 = fixed_row(systems, "direct", *frac).and_then(|d| d["p99_ms"].as_f64());
             for name in ALL_SYSTEMS {
                 let Some(row) = fixed_row(systems, name, *frac) else { continue };
                 let p99 = row["p99_ms"].as_f64();
                 t.push_str(&format!(
-                    "| {name} | {:.0}% = {} /s | {} | {} | {} | {} | {} |\n",
+                    "| {name} | {:.0}% = {} /s | {} | {} | {} | {} | {} | {} |\n",
                     frac * 100.0,
                     fmt_num(row["rate"].as_f64(), 0),
                     fmt_num(row["achieved_rps"].as_f64(), 0),
@@ -1001,7 +1049,8 @@ fn table(r: &Value) -> String {
                         "—".into()
                     } else {
                         fmt_num(p99.zip(direct_p99).map(|(a, b)| a - b), 3)
-                    }
+                    },
+                    fmt_num(row["cpu_us_per_req"].as_f64(), 1)
                 ));
             }
         }
