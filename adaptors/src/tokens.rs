@@ -124,46 +124,75 @@ pub fn count_messages(model: &str, messages: &[PromptMessage<'_>]) -> u32 {
 /// provider's own rendering of function definitions.
 pub fn count_chat_prompt(model: &str, request: &ChatRequest) -> u32 {
     let enc = encoding_for(model);
+    chat_prompt_with(request, |text| enc.count(text))
+}
+
+/// An upper bound of [`count_chat_prompt`] in a fraction of its time: the same framing, with every text
+/// counted as its length in bytes (a BPE token always stands for at least one byte, so this never
+/// undercounts; English text runs about four bytes a token).
+pub fn chat_prompt_upper_bound(request: &ChatRequest) -> u32 {
+    chat_prompt_with(request, |text| u32::try_from(text.len()).unwrap_or(u32::MAX))
+}
+
+fn chat_prompt_with(request: &ChatRequest, count: impl Fn(&str) -> u32) -> u32 {
     let framed =
-        |role: &str, content: u32| TOKENS_PER_MESSAGE.saturating_add(enc.count(role)).saturating_add(content);
+        |role: &str, content: u32| TOKENS_PER_MESSAGE.saturating_add(count(role)).saturating_add(content);
     let mut total = REPLY_PRIMING_TOKENS;
     if !request.system.is_empty() {
-        total = total.saturating_add(framed("system", enc.count(&request.system)));
+        total = total.saturating_add(framed("system", count(&request.system)));
     }
     for message in &request.messages {
         let role = match message.role {
             Role::User => "user",
             Role::Assistant => "assistant",
         };
-        let content = message.parts.iter().fold(0u32, |sum, part| sum.saturating_add(count_part(enc, part)));
+        let content =
+            message.parts.iter().fold(0u32, |sum, part| sum.saturating_add(count_part(&count, part)));
         total = total.saturating_add(framed(role, content));
     }
-    request.tools.iter().fold(total, |sum, tool| sum.saturating_add(count_tool(enc, tool)))
+    request.tools.iter().fold(total, |sum, tool| sum.saturating_add(count_tool(&count, tool)))
 }
 
-fn count_part(enc: Encoding, part: &Part) -> u32 {
+fn count_part(count: &impl Fn(&str) -> u32, part: &Part) -> u32 {
     match part {
-        Part::Text(text) => enc.count(text),
-        Part::Thinking { text, .. } => enc.count(text),
-        Part::ToolCall(call) => enc.count(&call.name).saturating_add(enc.count(&call.arguments)),
-        Part::ToolResult(result) => enc.count(&result.content),
+        Part::Text(text) => count(text),
+        Part::Thinking { text, .. } => count(text),
+        Part::ToolCall(call) => count(&call.name).saturating_add(count(&call.arguments)),
+        Part::ToolResult(result) => count(&result.content),
         Part::Image(_) => 0,
     }
 }
 
-fn count_tool(enc: Encoding, tool: &Tool) -> u32 {
+fn count_tool(count: &impl Fn(&str) -> u32, tool: &Tool) -> u32 {
     let json = serde_json::json!({
         "name": tool.name,
         "description": tool.description,
         "parameters": tool.parameters,
     });
-    enc.count(&json.to_string())
+    count(&json.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ir::{Message, ToolCall};
+
+    #[test]
+    fn the_byte_bound_never_undercounts_the_tokenizer() {
+        let request = ChatRequest {
+            system: "You are terse. 你好，世界".into(),
+            messages: vec![Message {
+                role: Role::User,
+                parts: vec![Part::Text("Say hello in one short sentence, then count to ten.".into())],
+            }],
+            ..ChatRequest::default()
+        };
+        for model in ["gpt-4o", "gpt-4", "claude-3-5-sonnet-20241022"] {
+            let exact = count_chat_prompt(model, &request);
+            let bound = chat_prompt_upper_bound(&request);
+            assert!(bound >= exact && bound <= exact * 6, "{model}: {bound} vs {exact}");
+        }
+    }
 
     #[test]
     fn hello_world_is_two_tokens_in_both_encodings() {

@@ -929,26 +929,38 @@ pub async fn admit(
         }
     };
     let needs_tokens = matches!(price, Some(Price::Ratio { .. })) || caller.token.tpm > 0;
+    // TPM spends real tokens: counted exactly. The pre-deduction alone takes a cheap upper bound
+    // (bytes), and the exact count only when the bound cannot be covered.
+    let exact = caller.token.tpm > 0;
     let estimate = if needs_tokens {
-        estimate_prompt(worker, snapshot, endpoint, info, body).await
+        estimate_prompt(worker, snapshot, endpoint, info, body, exact).await
     } else {
         Estimate::default()
     };
-    let pre = price.map(|p| {
-        p.pre_deduction(estimate.prompt_tokens, estimate.max_tokens, snapshot.pre_deduct_max_tokens)
-    });
-    let admission = worker.billing.admit(caller, pre, estimate.prompt_tokens).await?;
+    let pre_for = |prompt: i64| {
+        price.map(|p| p.pre_deduction(prompt, estimate.max_tokens, snapshot.pre_deduct_max_tokens))
+    };
+    let tighter = || {
+        let images = crate::images::tokens(&estimate.images, endpoint.protocol());
+        pre_for(exact_prompt_tokens(endpoint, info, body) + images).unwrap_or(0)
+    };
+    let retry: Option<&dyn Fn() -> i64> = if exact { None } else { Some(&tighter) };
+    let admission =
+        worker.billing.admit(caller, pre_for(estimate.prompt_tokens), estimate.prompt_tokens, retry).await?;
     Ok(Billed { group: group.to_string(), price, admission, images: estimate.images })
 }
 
 /// The prompt's tokens (text, tool definitions, images: inline ones measured from their bytes, remote
-/// ones fetched as far as their header) and the completion the client allows.
+/// ones fetched as far as their header) and the completion the client allows. Text is counted with the
+/// model's tokenizer when `exact`, else bounded from above by its length in bytes (a fraction of the
+/// time; see `tokens::chat_prompt_upper_bound`).
 pub async fn estimate_prompt(
     worker: &Worker,
     snapshot: &crate::state::Snapshot,
     endpoint: &Endpoint,
     info: &RequestInfo,
     body: &[u8],
+    exact: bool,
 ) -> Estimate {
     let model = info.model.as_str();
     match endpoint {
@@ -959,31 +971,58 @@ pub async fn estimate_prompt(
                 Ok(request) => {
                     let images =
                         crate::images::measure(&worker.client, &request, &snapshot.image_fetch).await;
+                    let text = if exact {
+                        tokens::count_chat_prompt(model, &request)
+                    } else {
+                        tokens::chat_prompt_upper_bound(&request)
+                    };
                     Estimate {
-                        prompt_tokens: i64::from(tokens::count_chat_prompt(model, &request))
-                            + crate::images::tokens(&images, protocol),
+                        prompt_tokens: i64::from(text) + crate::images::tokens(&images, protocol),
                         max_tokens: request.max_tokens.map(i64::from),
                         images,
                     }
                 }
                 Err(_) => Estimate {
-                    prompt_tokens: i64::from(tokens::count_text(model, &String::from_utf8_lossy(body))),
+                    prompt_tokens: if exact {
+                        i64::from(tokens::count_text(model, &String::from_utf8_lossy(body)))
+                    } else {
+                        i64::try_from(body.len()).unwrap_or(i64::MAX)
+                    },
                     ..Estimate::default()
                 },
             }
         }
         Endpoint::Completions => Estimate {
-            prompt_tokens: legacy_prompt_tokens(model, body),
+            prompt_tokens: legacy_prompt_estimate(model, body, exact),
             max_tokens: serde_json::from_slice::<serde_json::Value>(body)
                 .ok()
                 .and_then(|v| v.get("max_tokens").and_then(serde_json::Value::as_i64)),
             images: Vec::new(),
         },
         Endpoint::Embeddings => Estimate {
-            prompt_tokens: legacy_prompt_tokens(model, body),
+            prompt_tokens: legacy_prompt_estimate(model, body, exact),
             max_tokens: Some(0),
             images: Vec::new(),
         },
+    }
+}
+
+/// The legacy endpoints' prompt: counted, or bounded by its bytes.
+fn legacy_prompt_estimate(model: &str, body: &[u8], exact: bool) -> i64 {
+    if exact {
+        return legacy_prompt_tokens(model, body);
+    }
+    legacy_prompt_text(body).iter().map(|t| i64::try_from(t.len()).unwrap_or(i64::MAX)).sum()
+}
+
+/// The prompt's text tokens counted with the model's tokenizer (images excluded): what a
+/// pre-deduction falls back to when the byte bound cannot be covered.
+fn exact_prompt_tokens(endpoint: &Endpoint, info: &RequestInfo, body: &[u8]) -> i64 {
+    let model = info.model.as_str();
+    match endpoint {
+        Endpoint::Chat(p) => chat_prompt_tokens(*p, model, body, info.stream),
+        Endpoint::Gemini { .. } => chat_prompt_tokens(Protocol::Gemini, model, body, info.stream),
+        Endpoint::Completions | Endpoint::Embeddings => legacy_prompt_tokens(model, body),
     }
 }
 

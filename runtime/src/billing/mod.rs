@@ -108,12 +108,15 @@ impl Billing {
     }
 
     /// Admits a request: the key's RPM and TPM (on the prompt estimate), then `pre_deduction` from
-    /// the user's balance and, for a key with limited quota, from the key's.
+    /// the user's balance and, for a key with limited quota, from the key's. When that cannot be
+    /// covered and `tighter` is given (the estimate was an upper bound), the amount it computes is
+    /// tried before refusing.
     pub async fn admit(
         &self,
         caller: &Caller,
         pre_deduction: Option<Quota>,
         estimated_tokens: i64,
+        tighter: Option<&dyn Fn() -> Quota>,
     ) -> Result<Admission, GatewayError> {
         let token = &caller.token;
         if token.rpm > 0 {
@@ -136,9 +139,20 @@ impl Billing {
             accounts.push(Account::Key(token.id));
             self.follow_funding(Account::Key(token.id), token.quota_version);
         }
-        let hold = Hold::take(&self.leases, &accounts, amount)
-            .await
-            .map_err(|(account, r)| refused(account, r, amount))?;
+        let (hold, amount) = match Hold::take(&self.leases, &accounts, amount).await {
+            Ok(hold) => (hold, amount),
+            // The estimate was an upper bound: before refusing, try the exact (smaller) amount.
+            Err((account, Refusal::Insufficient)) => match tighter.map(|f| f()).filter(|t| *t < amount) {
+                Some(exact) => {
+                    let hold = Hold::take(&self.leases, &accounts, exact)
+                        .await
+                        .map_err(|(account, r)| refused(account, r, exact))?;
+                    (hold, exact)
+                }
+                None => return Err(refused(account, Refusal::Insufficient, amount)),
+            },
+            Err((account, r)) => return Err(refused(account, r, amount)),
+        };
         Ok(Admission { hold: Some(hold), tpm, pre_deducted: amount })
     }
 
