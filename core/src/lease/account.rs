@@ -251,7 +251,9 @@ impl LeaseAccount {
         let amount = amount.max(0);
         self.last_active = now;
         match self.holder {
-            Some(holder) if amount <= self.available => {
+            // A recalled lease admits nothing more from what it holds: that goes back to the ledger
+            // first, so a request after the recall is decided by the balance as it is now.
+            Some(holder) if amount <= self.available && !self.recalled => {
                 self.available -= amount;
                 self.reserved += amount;
                 Ok(PreDeduction { account: self.account, amount, holder })
@@ -331,6 +333,9 @@ impl LeaseAccount {
     }
 
     fn due_op(&mut self, policy: &LeasePolicy, now: Millis) -> Option<CallOp> {
+        if std::mem::take(&mut self.recalled) && self.available > 0 {
+            return Some(CallOp::GiveBack { amount: self.available });
+        }
         if self.wanted > 0 {
             let floor = self.wanted - self.available;
             if floor > 0 {
@@ -342,9 +347,6 @@ impl LeaseAccount {
             || now.saturating_sub(self.last_report) >= policy.report_interval;
         if self.unreported > 0 && report_due {
             return Some(CallOp::ReportSpend { amount: self.unreported });
-        }
-        if std::mem::take(&mut self.recalled) && self.available > 0 {
-            return Some(CallOp::GiveBack { amount: self.available });
         }
         let idle = self.idle_return(policy, now);
         if idle != 0 {
@@ -406,9 +408,10 @@ impl LeaseAccount {
         }
     }
 
-    /// Another holder of the account was refused a refill: the funds this lease holds beyond the
-    /// requests in flight go back to the balance with the next call (after a report that is due), so
-    /// they can fund it. A debt is not given back by a recall.
+    /// The funds this lease holds beyond the requests in flight go back to the balance with the next
+    /// call (another holder was refused a refill, or the account's funding changed). Until they have
+    /// gone, the lease admits no request from them: one arriving meanwhile waits for the return and
+    /// a refill decided by the ledger's balance. A debt is not given back by a recall.
     pub fn recall(&mut self) {
         self.recalled = true;
     }
@@ -547,6 +550,25 @@ mod tests {
         pump(&mut a, &mut l, 1);
         assert_eq!((a.available(), a.reserved()), (0, 100));
         assert_eq!(l.account(USER).balance, 1_000 - 100);
+    }
+
+    #[test]
+    fn a_recalled_lease_admits_nothing_from_what_it_holds_until_the_ledger_decides_again() {
+        let mut l = ledger(1_000);
+        let mut a = LeaseAccount::new(holder(1), USER, 0);
+        a.pre_deduct(100, 0).unwrap_err();
+        pump(&mut a, &mut l, 0);
+        assert!(a.available() >= 200);
+        // The quota is lowered to 150 under what the lease holds: the ledger's balance goes negative.
+        l.fund(USER, Funding { remaining: 150, total: 150, version: 2 }).unwrap();
+        a.recall();
+        a.pre_deduct(100, 0).expect_err("a recalled lease must not admit from its local funds");
+        pump(&mut a, &mut l, 1);
+        let held_after = a.available();
+        assert!(held_after <= 150, "after the recall the lease holds {held_after}, over the new quota");
+        let first = a.pre_deduct(100, 1);
+        let second = a.pre_deduct(100, 1);
+        assert!(first.is_ok() && second.is_err(), "{first:?} {second:?}");
     }
 
     #[test]
