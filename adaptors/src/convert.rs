@@ -81,13 +81,34 @@ pub struct ResponseMeta<'a> {
     pub created: u64,
 }
 
-/// The upstream path for a request to `model` in protocol `to`.
+/// The upstream path for a request to `model` in protocol `to`. Gemini names the model in the path:
+/// it is percent-encoded there (every byte but RFC 3986's unreserved ones), so a mapped model name
+/// holding `/`, `?`, `#`, `:` or a space cannot change the path or the query.
 pub fn upstream_path(to: Protocol, model: &str, stream: bool) -> String {
     match (to, stream) {
         (Protocol::OpenAi, _) => "/v1/chat/completions".into(),
         (Protocol::Anthropic, _) => "/v1/messages".into(),
-        (Protocol::Gemini, false) => format!("/v1beta/models/{model}:generateContent"),
-        (Protocol::Gemini, true) => format!("/v1beta/models/{model}:streamGenerateContent?alt=sse"),
+        (Protocol::Gemini, false) => format!("/v1beta/models/{}:generateContent", PathSegment(model)),
+        (Protocol::Gemini, true) => {
+            format!("/v1beta/models/{}:streamGenerateContent?alt=sse", PathSegment(model))
+        }
+    }
+}
+
+/// Writes a string as one percent-encoded URL path segment.
+struct PathSegment<'a>(&'a str);
+
+impl std::fmt::Display for PathSegment<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        for &b in self.0.as_bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                f.write_char(char::from(b))?;
+            } else {
+                write!(f, "%{b:02X}")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -401,6 +422,19 @@ mod tests {
 
     fn meta() -> ResponseMeta<'static> {
         ResponseMeta { model: "client-model", id: "req42", created: 1_700_000_000 }
+    }
+
+    #[test]
+    fn a_gemini_model_name_is_one_percent_encoded_path_segment() {
+        assert_eq!(
+            upstream_path(Protocol::Gemini, "gemini-2.0-flash_exp~1", false),
+            "/v1beta/models/gemini-2.0-flash_exp~1:generateContent"
+        );
+        assert_eq!(
+            upstream_path(Protocol::Gemini, "a/b?c#d:e f%é", true),
+            "/v1beta/models/a%2Fb%3Fc%23d%3Ae%20f%25%C3%A9:streamGenerateContent?alt=sse"
+        );
+        assert_eq!(upstream_path(Protocol::OpenAi, "a/b", true), "/v1/chat/completions");
     }
 
     #[test]

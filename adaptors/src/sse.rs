@@ -51,28 +51,69 @@ impl SseDecoder {
         self.buf.len()
     }
 
-    /// Finds a blank line (`\n\n`, `\r\n\r\n` or `\r\r`); returns (event length, separator length).
+    /// Finds the blank line that ends an event: a line terminator (`\r\n`, `\n` or `\r`, as the SSE
+    /// specification allows) followed by another. Returns (event length, separator length). A `\r`
+    /// that ends the buffer after the event's last line waits for the next byte, since it may be the
+    /// first half of `\r\n`; a `\r` that ends the separator itself does not (a `\n` that follows it
+    /// in the next bytes is an empty line, which dispatches nothing).
     fn find_event_end(&mut self) -> Option<(usize, usize)> {
         let b = &self.buf[..];
-        let start = self.scanned.saturating_sub(3);
-        let mut i = start;
+        let mut i = self.scanned;
         while let Some(off) = memchr::memchr2(b'\n', b'\r', &b[i..]) {
             let p = i + off;
-            let rest = &b[p..];
-            if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
-                return Some((p, 2));
+            let Some(first) = terminator_len(b, p) else {
+                self.scanned = p;
+                return None;
+            };
+            let q = p + first;
+            match b.get(q) {
+                None => {
+                    self.scanned = p;
+                    return None;
+                }
+                Some(b'\n') => return Some((p, first + 1)),
+                Some(b'\r') => {
+                    let second = if b.get(q + 1) == Some(&b'\n') { 2 } else { 1 };
+                    return Some((p, first + second));
+                }
+                Some(_) => i = q,
             }
-            if rest.starts_with(b"\r\n\r\n") {
-                return Some((p, 4));
-            }
-            if rest.starts_with(b"\n\r\n") {
-                return Some((p, 3));
-            }
-            i = p + 1;
         }
         self.scanned = b.len();
         None
     }
+}
+
+/// The length of the line terminator at `b[p]` (a `\r` or a `\n`), or `None` for a `\r` that ends
+/// `b`, which may yet be the first half of `\r\n`.
+fn terminator_len(b: &[u8], p: usize) -> Option<usize> {
+    if b[p] == b'\n' {
+        return Some(1);
+    }
+    match b.get(p + 1) {
+        Some(b'\n') => Some(2),
+        Some(_) => Some(1),
+        None => None,
+    }
+}
+
+/// The lines of an event block, split at `\r\n`, `\n` or `\r`.
+fn lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(block);
+    std::iter::from_fn(move || {
+        let r = rest?;
+        match memchr::memchr2(b'\n', b'\r', r) {
+            Some(i) => {
+                let t = if r[i] == b'\r' && r.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                rest = Some(&r[i + t..]);
+                Some(&r[..i])
+            }
+            None => {
+                rest = None;
+                Some(r)
+            }
+        }
+    })
 }
 
 /// Appends one event whose data is `data` as JSON, named when `event` is given. Nothing is appended if
@@ -102,8 +143,7 @@ pub fn write_data(out: &mut BytesMut, data: &[u8]) {
 fn parse_block(block: &[u8]) -> Option<SseEvent> {
     let mut event = None;
     let mut data: Option<BytesMut> = None;
-    for raw in block.split(|c| *c == b'\n') {
-        let line = raw.strip_suffix(b"\r").unwrap_or(raw);
+    for line in lines(block) {
         if line.is_empty() || line[0] == b':' {
             continue;
         }
@@ -163,6 +203,28 @@ mod tests {
     }
 
     #[test]
+    fn bare_cr_and_mixed_line_endings_split_lines_and_events() {
+        let mut d = SseDecoder::new();
+        d.feed(b"data: a\rdata: b\r\rdata: c\n\rdata: d\r\n\rdata: e\r\n\n");
+        let evs: Vec<Vec<u8>> = all(&mut d).into_iter().map(|e| e.data.to_vec()).collect();
+        assert_eq!(evs, vec![b"a\nb".to_vec(), b"c".to_vec(), b"d".to_vec(), b"e".to_vec()]);
+    }
+
+    #[test]
+    fn a_cr_at_the_end_of_the_bytes_waits_to_see_whether_a_lf_follows() {
+        let mut d = SseDecoder::new();
+        d.feed(b"data: a\r");
+        assert!(d.next_event().is_none());
+        d.feed(b"\ndata: b\r");
+        assert!(d.next_event().is_none(), "data: a\\r\\n is one line, not the end of an event");
+        d.feed(b"\n\r");
+        assert_eq!(&d.next_event().unwrap().data[..], b"a\nb");
+        d.feed(b"\ndata: c\n\n");
+        assert_eq!(&d.next_event().unwrap().data[..], b"c");
+        assert!(d.next_event().is_none());
+    }
+
+    #[test]
     fn an_incomplete_event_waits_for_more_bytes() {
         let mut d = SseDecoder::new();
         d.feed(b"data: hel");
@@ -192,10 +254,22 @@ mod tests {
         fn any_fragmentation_yields_the_same_events(
             payloads in proptest::collection::vec("[a-z0-9{}\":, ]{0,40}", 1..8),
             cuts in proptest::collection::vec(0usize..400, 0..10),
-            crlf in any::<bool>(),
+            ends in proptest::collection::vec(0usize..3, 16),
         ) {
-            let nl = if crlf { "\r\n" } else { "\n" };
-            let text: String = payloads.iter().map(|p| format!("data: {p}{nl}{nl}")).collect();
+            // Every line ends in any of the three terminators, mixed within one event.
+            let nl = |k: usize| ["\n", "\r\n", "\r"][ends[k % ends.len()]];
+            let text: String = payloads
+                .iter()
+                .enumerate()
+                .map(|(k, p)| {
+                    let (first, mut second) = (nl(3 * k + 1), nl(3 * k + 2));
+                    if first == "\r" && second == "\n" {
+                        // `\r` then `\n` is one terminator (CRLF), not a blank line.
+                        second = "\r\n";
+                    }
+                    format!(": c{}data: {p}{first}{second}", nl(3 * k))
+                })
+                .collect();
             let bytes = text.as_bytes();
             let mut points: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
             points.sort();
