@@ -1946,6 +1946,86 @@ fn a_channel_with_an_http_proxy_tunnels_through_connect() {
     assert!(proxy.tunnels().iter().any(|t| *t == mock_authority(&s.mock)));
 }
 
+/// socat terminating TLS (the test CA's `localhost` certificate) on a free port in front of a plain
+/// proxy; stopped on drop.
+fn tls_proxy_front(dir: &std::path::Path, proxy: std::net::SocketAddr) -> Option<TlsFront> {
+    let Some(socat) = ["/usr/bin/socat", "/bin/socat"].into_iter().find(|p| std::path::Path::new(p).exists())
+    else {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "socat is required in CI (.ci/run installs it)"
+        );
+        eprintln!("skipped: socat is not installed");
+        return None;
+    };
+    let port = closed_port();
+    let d = dir.display();
+    let child = Command::new(socat)
+        .arg(format!(
+            "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={d}/srv.pem,key={d}/srv.key,verify=0"
+        ))
+        .arg(format!("TCP:{proxy}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("socat starts");
+    let front = TlsFront { child, port };
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "socat did not listen on {port}");
+        pause(Duration::from_millis(20));
+    }
+    Some(front)
+}
+
+#[test]
+fn a_channel_with_an_https_proxy_tunnels_over_tls_to_plain_and_tls_upstreams() {
+    let dir = burncloud_tests::harness::TempDir::new("bc-tlsproxy");
+    make_tls_files(dir.path());
+    let mock = Mock::start(&[]);
+    let proxy = TestProxy::start(false, None);
+    let Some(proxy_front) = tls_proxy_front(dir.path(), proxy.addr) else { return };
+    let Some(upstream_front) = tls_front(dir.path(), &mock.base_url()) else { return };
+    let ca = dir.path().join("ca.pem");
+    let gw = Gateway::start(GatewayOptions::new().env("BURNCLOUD_UPSTREAM_CA_FILE", ca.display()));
+    let proxy_url = format!("https://localhost:{}", proxy_front.port);
+    let tls_upstream = format!("https://localhost:{}", upstream_front.port);
+    let plain =
+        gw.create_channel(json!({"base_url": mock.base_url(), "models": "gpt-plain", "proxy": proxy_url}));
+    let tls = gw.create_channel(json!({"base_url": tls_upstream, "models": "gpt-tls", "proxy": proxy_url}));
+    let user = gw.create_user(json!({}));
+    let key = gw.create_token(user, json!({}));
+
+    // An http upstream through the proxy's TLS; an https upstream with TLS inside it, streamed too.
+    let resp = gw.chat(&key.key, &chat_body("gpt-plain"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(gw.consume_log(&request_id(&resp))["channel_id"], plain);
+    let resp = gw.chat(&key.key, &chat_body("gpt-tls"));
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(gw.consume_log(&request_id(&resp))["channel_id"], tls);
+    let streamed = gw.chat(&key.key, &stream_body("gpt-tls"));
+    assert!(streamed.text().contains("data: [DONE]"), "{}", streamed.text());
+    gw.api("POST", &format!("/api/channel/{tls}/test"), None);
+
+    let tunnels = proxy.tunnels();
+    assert!(tunnels.iter().any(|t| *t == mock_authority(&mock)), "{tunnels:?}");
+    assert!(tunnels.iter().any(|t| *t == format!("localhost:{}", upstream_front.port)), "{tunnels:?}");
+    assert_eq!(mock.requests().len(), 4, "three calls and the channel test reached the upstream");
+
+    // A gateway that does not trust the proxy's certificate sends nothing through it.
+    let untrusting = Gateway::start(GatewayOptions::new());
+    untrusting
+        .create_channel(json!({"base_url": mock.base_url(), "models": "gpt-plain", "proxy": proxy_url}));
+    let user = untrusting.create_user(json!({}));
+    let key = untrusting.create_token(user, json!({}));
+    let refused = untrusting.chat(&key.key, &chat_body("gpt-plain"));
+    assert_error(&refused, 502, "upstream_error");
+    assert!(refused.text().to_lowercase().contains("tls"), "{}", refused.text());
+    assert!(proxy.tunnels().is_empty(), "an unverified proxy must not be asked for a tunnel");
+    assert_eq!(mock.requests().len(), 4);
+}
+
 #[test]
 fn an_invalid_proxy_url_is_refused_when_the_channel_is_saved() {
     let s = setup();

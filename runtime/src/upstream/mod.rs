@@ -99,7 +99,10 @@ impl std::fmt::Display for UpstreamError {
 
 enum Conn {
     Plain(TcpStream),
+    /// TLS to an `https` origin, or to an `https://` proxy tunnelling to an `http` origin.
     Tls(Box<tls::TlsStream>),
+    /// An `https` origin through an `https://` proxy: TLS inside the proxy's TLS.
+    TlsInTls(Box<tls::TlsStream<tls::TlsStream>>),
 }
 
 impl Conn {
@@ -107,6 +110,7 @@ impl Conn {
         match self {
             Conn::Plain(s) => s.read_buf(buf).await,
             Conn::Tls(s) => s.read_buf(buf).await,
+            Conn::TlsInTls(s) => s.read_buf(buf).await,
         }
     }
 
@@ -114,6 +118,7 @@ impl Conn {
         match self {
             Conn::Plain(s) => s.write_all(data).await,
             Conn::Tls(s) => s.write_all(data).await,
+            Conn::TlsInTls(s) => s.write_all(data).await,
         }
     }
 }
@@ -311,24 +316,27 @@ impl Client {
         for addr in addrs {
             match rt::timeout(limit, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => {
-                    let tcp = match &route.proxy {
-                        None => tcp,
-                        Some(proxy) => {
-                            match rt::timeout(limit, proxy.tunnel(tcp, &origin.host, origin.port)).await {
-                                Ok(Ok(t)) => t,
-                                Ok(Err(e)) => return Err(UpstreamError::Connect(e)),
-                                Err(rt::Elapsed) => return Err(UpstreamError::ConnectTimeout),
+                    return match &route.proxy {
+                        Some(proxy) if proxy.kind == proxy::ProxyKind::Https => {
+                            let to_proxy = self.handshake(tcp, &proxy.host).await?;
+                            let tunnel = self.tunnel(proxy, to_proxy, origin).await?;
+                            match origin.scheme {
+                                Scheme::Http => Ok(Conn::Tls(Box::new(tunnel))),
+                                Scheme::Https => {
+                                    Ok(Conn::TlsInTls(Box::new(self.handshake(tunnel, &origin.host).await?)))
+                                }
                             }
                         }
-                    };
-                    return match origin.scheme {
-                        Scheme::Http => Ok(Conn::Plain(tcp)),
-                        Scheme::Https => {
-                            let handshake = tls::TlsStream::connect(tcp, self.0.tls.clone(), &origin.host);
-                            match rt::timeout(limit, handshake).await {
-                                Ok(Ok(s)) => Ok(Conn::Tls(Box::new(s))),
-                                Ok(Err(e)) => Err(UpstreamError::Tls(e)),
-                                Err(rt::Elapsed) => Err(UpstreamError::ConnectTimeout),
+                        _ => {
+                            let tcp = match &route.proxy {
+                                None => tcp,
+                                Some(proxy) => self.tunnel(proxy, tcp, origin).await?,
+                            };
+                            match origin.scheme {
+                                Scheme::Http => Ok(Conn::Plain(tcp)),
+                                Scheme::Https => {
+                                    Ok(Conn::Tls(Box::new(self.handshake(tcp, &origin.host).await?)))
+                                }
                             }
                         }
                     };
@@ -338,6 +346,36 @@ impl Client {
             }
         }
         Err(last.unwrap_or_else(|| UpstreamError::Resolve(format!("{host} has no addresses"))))
+    }
+
+    /// A TLS handshake with `host` over `stream`, within the connect timeout.
+    async fn handshake<S: tls::ByteStream>(
+        &self,
+        stream: S,
+        host: &str,
+    ) -> Result<tls::TlsStream<S>, UpstreamError> {
+        let handshake = tls::TlsStream::connect(stream, self.0.tls.clone(), host);
+        match rt::timeout(self.0.settings.connect_timeout, handshake).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(UpstreamError::Tls(e)),
+            Err(rt::Elapsed) => Err(UpstreamError::ConnectTimeout),
+        }
+    }
+
+    /// The proxy's tunnel to the origin over `stream`, within the connect timeout.
+    async fn tunnel<S: tls::ByteStream>(
+        &self,
+        proxy: &Proxy,
+        stream: S,
+        origin: &Origin,
+    ) -> Result<S, UpstreamError> {
+        match rt::timeout(self.0.settings.connect_timeout, proxy.tunnel(stream, &origin.host, origin.port))
+            .await
+        {
+            Ok(Ok(t)) => Ok(t),
+            Ok(Err(e)) => Err(UpstreamError::Connect(e)),
+            Err(rt::Elapsed) => Err(UpstreamError::ConnectTimeout),
+        }
     }
 
     /// Addresses of a host: IP literals directly, names through a resolver thread, cached.

@@ -1,19 +1,23 @@
-//! Per-channel proxies: HTTP `CONNECT` tunnels and SOCKS5 (RFC 1928, with RFC 1929 user/password),
-//! both opening a plain TCP tunnel to the upstream, over which TLS runs as usual for `https` origins.
+//! Per-channel proxies: HTTP `CONNECT` tunnels (to an `http://` proxy in the clear, or to an
+//! `https://` proxy over TLS) and SOCKS5 (RFC 1928, with RFC 1929 user/password), all opening a
+//! tunnel to the upstream, over which TLS runs as usual for `https` origins.
 //!
-//! Parsing is pure; the handshakes use only the executor layer's stream and never block.
+//! Parsing is pure; the handshakes run over any [`ByteStream`] and never block.
 
 use std::io;
 
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::rt::TcpStream;
+use super::tls::ByteStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProxyKind {
     /// `http://`: an HTTP proxy asked for a `CONNECT` tunnel.
     Http,
+    /// `https://`: the same, with the connection to the proxy itself in TLS (its certificate checked
+    /// like an upstream's).
+    Https,
     /// `socks5://` or `socks5h://`: the proxy resolves the upstream's host name.
     Socks5,
 }
@@ -28,15 +32,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Parses `http://[user:pass@]host:port` or `socks5://[user:pass@]host:port`.
+    /// Parses `http://[user:pass@]host:port`, `https://…` or `socks5://[user:pass@]host:port`.
     pub fn parse(url: &str) -> Result<Proxy, String> {
         let bad = |why: &str| format!("invalid proxy {:?}: {why}", redact(url));
         let (kind, rest, default_port) = if let Some(r) = url.strip_prefix("http://") {
             (ProxyKind::Http, r, 80)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (ProxyKind::Https, r, 443)
         } else if let Some(r) = url.strip_prefix("socks5://").or_else(|| url.strip_prefix("socks5h://")) {
             (ProxyKind::Socks5, r, 1080)
         } else {
-            return Err(bad("must start with http://, socks5:// or socks5h://"));
+            return Err(bad("must start with http://, https://, socks5:// or socks5h://"));
         };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') {
@@ -65,16 +71,17 @@ impl Proxy {
         Ok(Proxy { kind, host: host.to_string(), port, auth })
     }
 
-    /// Turns a TCP connection to the proxy into a tunnel to `host:port`.
-    pub async fn tunnel(&self, mut tcp: TcpStream, host: &str, port: u16) -> io::Result<TcpStream> {
+    /// Turns a connection to the proxy (TLS already established for `https://`) into a tunnel to
+    /// `host:port`.
+    pub async fn tunnel<S: ByteStream>(&self, mut tcp: S, host: &str, port: u16) -> io::Result<S> {
         match self.kind {
-            ProxyKind::Http => self.http_connect(&mut tcp, host, port).await?,
+            ProxyKind::Http | ProxyKind::Https => self.http_connect(&mut tcp, host, port).await?,
             ProxyKind::Socks5 => self.socks5_connect(&mut tcp, host, port).await?,
         }
         Ok(tcp)
     }
 
-    async fn http_connect(&self, tcp: &mut TcpStream, host: &str, port: u16) -> io::Result<()> {
+    async fn http_connect<S: ByteStream>(&self, tcp: &mut S, host: &str, port: u16) -> io::Result<()> {
         let authority =
             if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
@@ -108,7 +115,7 @@ impl Proxy {
         }
     }
 
-    async fn socks5_connect(&self, tcp: &mut TcpStream, host: &str, port: u16) -> io::Result<()> {
+    async fn socks5_connect<S: ByteStream>(&self, tcp: &mut S, host: &str, port: u16) -> io::Result<()> {
         let mut buf = BytesMut::new();
         let methods: &[u8] =
             if self.auth.is_some() { &[0x05, 0x02, 0x00, 0x02] } else { &[0x05, 0x01, 0x00] };
@@ -174,7 +181,7 @@ impl Proxy {
 }
 
 /// Reads exactly `n` bytes (keeping any surplus in `buf`).
-async fn read_exact(tcp: &mut TcpStream, buf: &mut BytesMut, n: usize) -> io::Result<Vec<u8>> {
+async fn read_exact<S: ByteStream>(tcp: &mut S, buf: &mut BytesMut, n: usize) -> io::Result<Vec<u8>> {
     while buf.len() < n {
         if tcp.read_buf(buf).await? == 0 {
             return Err(proxy_err("the proxy closed the connection during the handshake"));
@@ -218,7 +225,9 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_use() {
-        for bad in ["ftp://h:1", "https://h:1", "http://", "http://h:x", "socks5://h:1/path", "h:1"] {
+        assert_eq!(Proxy::parse("https://u:p@proxy.local").unwrap().port, 443);
+        assert_eq!(Proxy::parse("https://proxy.local:8443").unwrap().kind, ProxyKind::Https);
+        for bad in ["ftp://h:1", "https://", "http://", "http://h:x", "socks5://h:1/path", "h:1"] {
             assert!(Proxy::parse(bad).is_err(), "{bad}");
         }
     }

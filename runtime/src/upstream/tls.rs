@@ -1,7 +1,9 @@
-//! TLS for upstream connections: rustls driven over the executor layer's [`TcpStream`].
+//! TLS for upstream connections: rustls driven over any [`ByteStream`]: the executor layer's
+//! [`TcpStream`], or another TLS session (an `https://` origin reached through an `https://` proxy's
+//! tunnel is TLS inside TLS).
 //!
 //! rustls is sans-I/O: it turns plaintext into TLS records and back in memory. This module moves
-//! those records over the socket with the owned-buffer reads and writes of [`crate::rt`], so the same
+//! those records over the stream with the owned-buffer reads and writes of [`crate::rt`], so the same
 //! code runs on every backend. Certificates are checked against the compiled-in web PKI roots, plus
 //! an operator-supplied CA file when configured.
 
@@ -37,17 +39,45 @@ pub fn client_config(extra_ca: Option<&Path>) -> Result<Arc<ClientConfig>, Strin
     Ok(Arc::new(config))
 }
 
-/// A client TLS session over a TCP stream.
-pub struct TlsStream {
-    tcp: TcpStream,
+/// An ordered, reliable byte stream: what TLS records and proxy handshakes travel over.
+pub trait ByteStream {
+    /// Reads what is available, appending to `buf`; `Ok(0)` at the end of the stream.
+    fn read_buf(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>>;
+    /// Writes all of `data`.
+    fn write_all(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>>;
+}
+
+impl ByteStream for TcpStream {
+    fn read_buf(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> {
+        TcpStream::read_buf(self, buf)
+    }
+
+    fn write_all(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> {
+        TcpStream::write_all(self, data)
+    }
+}
+
+impl<S: ByteStream> ByteStream for TlsStream<S> {
+    fn read_buf(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> {
+        TlsStream::read_buf(self, buf)
+    }
+
+    fn write_all(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> {
+        TlsStream::write_all(self, data)
+    }
+}
+
+/// A client TLS session over a byte stream (a TCP connection unless tunnelled through TLS).
+pub struct TlsStream<S = TcpStream> {
+    tcp: S,
     session: ClientConnection,
     /// Ciphertext read from the socket and not yet handed to rustls.
     incoming: BytesMut,
 }
 
-impl TlsStream {
+impl<S: ByteStream> TlsStream<S> {
     /// Performs the handshake for `host`.
-    pub async fn connect(tcp: TcpStream, config: Arc<ClientConfig>, host: &str) -> io::Result<TlsStream> {
+    pub async fn connect(tcp: S, config: Arc<ClientConfig>, host: &str) -> io::Result<TlsStream<S>> {
         let name = ServerName::try_from(host.to_string()).map_err(|e| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("TLS server name {host:?}: {e}"))
         })?;
