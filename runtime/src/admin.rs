@@ -858,6 +858,7 @@ async fn list_logs(worker: &Worker, req: &Request) -> ApiResult {
         token_id: opt_num(req, "token_id")?,
         kind: opt_num(req, "type")?,
         model: req.query_param("model").filter(|m| !m.is_empty()),
+        request_id: req.query_param("request_id").filter(|r| !r.is_empty()),
         start: opt_num(req, "start")?,
         end: opt_num(req, "end")?,
         page,

@@ -127,6 +127,8 @@ pub struct LogFilter {
     /// Log type (`LOG_TOPUP`, `LOG_CONSUME`, …).
     pub kind: Option<i64>,
     pub model: Option<String>,
+    /// The request's id (`x-request-id` of its response).
+    pub request_id: Option<String>,
     pub start: Option<i64>,
     pub end: Option<i64>,
     /// 1-based; values below 1 mean 1.

@@ -774,6 +774,9 @@ impl Db {
         if let Some(v) = &f.model {
             w.push("model_name = ", Bind::Text(v.clone()));
         }
+        if let Some(v) = &f.request_id {
+            w.push("request_id = ", Bind::Text(v.clone()));
+        }
         if let Some(v) = f.start {
             w.push("created_at >= ", Bind::Int(v));
         }

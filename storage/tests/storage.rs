@@ -580,6 +580,10 @@ fn log_filters_and_newest_first_paging(db: &TestDb) {
     let (items, total) = logs(LogFilter { model: Some("claude".into()), ..Default::default() });
     assert_eq!(total, 4);
     assert!(items.iter().all(|l| l.model_name == "claude"));
+    let (items, total) = logs(LogFilter { request_id: Some("req-104-1".into()), ..Default::default() });
+    assert_eq!((total, items.len(), items[0].created_at), (1, 1, 104));
+    let (_, total) = logs(LogFilter { request_id: Some("req-none".into()), ..Default::default() });
+    assert_eq!(total, 0);
     let (items, total) = logs(LogFilter { start: Some(103), end: Some(106), ..Default::default() });
     assert_eq!(total, 4, "start and end are inclusive");
     assert_eq!(items.iter().map(|l| l.created_at).collect::<Vec<_>>(), [106, 105, 104, 103]);

@@ -534,11 +534,11 @@ impl Gateway {
 
     /// The consume log (type 2) whose `request_id` is `request_id`.
     pub fn consume_log(&self, request_id: &str) -> Value {
-        let logs = self.logs("type=2");
-        logs.iter()
-            .find(|l| l["request_id"] == json!(request_id))
-            .cloned()
-            .unwrap_or_else(|| panic!("no consume log with request_id {request_id}; logs: {logs:?}"))
+        let logs = self.logs(&format!("type=2&request_id={request_id}"));
+        match &logs[..] {
+            [one] if one["request_id"] == json!(request_id) => one.clone(),
+            _ => panic!("not one consume log with request_id {request_id}: {logs:?}"),
+        }
     }
 }
 
