@@ -30,6 +30,9 @@ pub struct RequestInfo {
     pub stream: bool,
     /// `stream_options.include_usage` as sent by the client.
     pub include_usage: bool,
+    /// `max_completion_tokens`, else `max_tokens` (OpenAI; Anthropic's `max_tokens`), when a
+    /// non-negative integer.
+    pub max_tokens: Option<u32>,
 }
 
 /// Why a request body was refused.
@@ -56,6 +59,10 @@ struct Head {
     stream: Option<serde_json::Value>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<serde_json::Value>,
 }
 
 /// Decodes the routing fields of a JSON request body.
@@ -67,7 +74,9 @@ pub fn request_info(body: &[u8]) -> Result<RequestInfo, RequestError> {
     };
     let stream = matches!(head.stream, Some(serde_json::Value::Bool(true)));
     let include_usage = head.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-    Ok(RequestInfo { model, stream, include_usage })
+    let limit = |v: Option<serde_json::Value>| v.and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok());
+    let max_tokens = limit(head.max_completion_tokens).or(limit(head.max_tokens));
+    Ok(RequestInfo { model, stream, include_usage, max_tokens })
 }
 
 /// Whether an SSE payload is the chunk `stream_options.include_usage` adds: no choices, a usage.
@@ -1101,7 +1110,10 @@ mod tests {
             br#"{"model":"gpt-4o","messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
         )
         .unwrap();
-        assert_eq!(info, RequestInfo { model: "gpt-4o".into(), stream: true, include_usage: true });
+        assert_eq!(
+            info,
+            RequestInfo { model: "gpt-4o".into(), stream: true, include_usage: true, max_tokens: None }
+        );
         let plain = request_info(br#"{"model":"m","input":"x"}"#).unwrap();
         assert!(!plain.stream && !plain.include_usage);
     }

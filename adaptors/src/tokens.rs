@@ -127,6 +127,19 @@ pub fn count_chat_prompt(model: &str, request: &ChatRequest) -> u32 {
     chat_prompt_with(request, |text| enc.count(text))
 }
 
+/// An upper bound of an OpenAI or Anthropic chat body's prompt tokens read from the raw body alone,
+/// when it can be had without decoding: the body's length, since every prompt byte (text, tool
+/// definitions, tool-call arguments) appears in it at least once and each message's JSON framing is
+/// longer than the tokens that framing costs. `None` when the body may hold an image (whose cost is
+/// not in its bytes) or a `\u00..` escape (which could spell one); the caller then decodes the body
+/// and uses [`chat_prompt_upper_bound`].
+pub fn chat_body_upper_bound(body: &[u8]) -> Option<u32> {
+    if memchr::memmem::find(body, b"image").is_some() || memchr::memmem::find(body, b"\\u00").is_some() {
+        return None;
+    }
+    u32::try_from(body.len()).ok()
+}
+
 /// An upper bound of [`count_chat_prompt`] in a fraction of its time: the same framing, with every text
 /// counted as its length in bytes (a BPE token always stands for at least one byte, so this never
 /// undercounts; English text runs about four bytes a token).
@@ -191,6 +204,46 @@ mod tests {
             let exact = count_chat_prompt(model, &request);
             let bound = chat_prompt_upper_bound(&request);
             assert!(bound >= exact && bound <= exact * 6, "{model}: {bound} vs {exact}");
+        }
+    }
+
+    #[test]
+    fn the_raw_body_bound_covers_the_decoded_bound_and_the_tokenizer() {
+        let opts = crate::convert::RequestOptions::default();
+        let bodies: [(crate::Protocol, &str); 6] = [
+            (crate::Protocol::OpenAi, r#"{"model":"m","messages":[{"role":"user","content":""}]}"#),
+            (
+                crate::Protocol::OpenAi,
+                r#"{"model":"m","messages":[{"role":"system","content":"s"},{"role":"user","content":"a"},{"role":"assistant","content":"b"},{"role":"user","content":"c"}]}"#,
+            ),
+            (
+                crate::Protocol::OpenAi,
+                r#"{"model":"m","messages":[{"role":"user","content":"你好，世界。東京は晴れ。"}]}"#,
+            ),
+            (
+                crate::Protocol::OpenAi,
+                r#"{"model":"m","tools":[{"type":"function","function":{"name":"w","description":"weather","parameters":{"type":"object","properties":{"c":{"type":"string"}}}}}],"messages":[{"role":"user","content":"x"},{"role":"assistant","content":null,"tool_calls":[{"id":"1","type":"function","function":{"name":"w","arguments":"{\"c\":\"Paris\"}"}}]},{"role":"tool","tool_call_id":"1","content":"sunny"}]}"#,
+            ),
+            (
+                crate::Protocol::Anthropic,
+                r#"{"model":"m","max_tokens":5,"system":"s","messages":[{"role":"user","content":"a"},{"role":"user","content":[{"type":"text","text":"b"}]}]}"#,
+            ),
+            (
+                crate::Protocol::Anthropic,
+                r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"q"},{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"w","input":{"c":"P"}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":"ok"}]}]}"#,
+            ),
+        ];
+        for (protocol, body) in bodies {
+            let request = crate::convert::decode_request(protocol, body.as_bytes(), &opts).unwrap();
+            let raw = chat_body_upper_bound(body.as_bytes()).unwrap();
+            assert!(raw >= chat_prompt_upper_bound(&request), "{body}");
+            assert!(raw >= count_chat_prompt("gpt-4o", &request), "{body}");
+        }
+        for body in [
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/y.png"}}]}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"\u0069mage_url"}]}]}"#,
+        ] {
+            assert_eq!(chat_body_upper_bound(body.as_bytes()), None, "{body}");
         }
     }
 

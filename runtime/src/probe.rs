@@ -48,7 +48,7 @@ pub async fn test_channel(worker: &Worker, channel: &Channel) -> TestResult {
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 1,
     });
-    let info = RequestInfo { model, stream: false, include_usage: false };
+    let info = RequestInfo { model, stream: false, include_usage: false, max_tokens: Some(1) };
     let ctx =
         RequestCtx { id: worker.next_request_id(), started: Instant::now(), upstream_wait: Duration::ZERO };
     let started = Instant::now();

@@ -114,6 +114,8 @@ pub struct RequestInfo {
     pub stream: bool,
     /// OpenAI's `stream_options.include_usage` as the client sent it.
     pub include_usage: bool,
+    /// The completion limit an OpenAI or Anthropic body sets (Gemini's is read when decoding).
+    pub max_tokens: Option<u32>,
 }
 
 /// Per-request bookkeeping carried through the steps.
@@ -329,11 +331,21 @@ pub fn decode(endpoint: &Endpoint, body: &[u8]) -> Result<RequestInfo, GatewayEr
     if let Endpoint::Gemini { model, stream } = endpoint {
         burncloud_adaptors::gemini::check_request(body)
             .map_err(|e| invalid(format!("request body is not a valid JSON object: {e}")))?;
-        return Ok(RequestInfo { model: model.clone(), stream: *stream, include_usage: false });
+        return Ok(RequestInfo {
+            model: model.clone(),
+            stream: *stream,
+            include_usage: false,
+            max_tokens: None,
+        });
     }
     let info = openai::request_info(body).map_err(|e| invalid(e.to_string()))?;
     let stream = info.stream && !matches!(endpoint, Endpoint::Embeddings);
-    Ok(RequestInfo { model: info.model, stream, include_usage: info.include_usage })
+    Ok(RequestInfo {
+        model: info.model,
+        stream,
+        include_usage: info.include_usage,
+        max_tokens: info.max_tokens,
+    })
 }
 
 /// The group a caller's requests are routed and priced in: the key's, else the user's. `auto` means
@@ -964,33 +976,17 @@ pub async fn estimate_prompt(
 ) -> Estimate {
     let model = info.model.as_str();
     match endpoint {
+        // The common case, bounded without decoding the body a second time: text and tools only.
+        Endpoint::Chat(_) if !exact => match tokens::chat_body_upper_bound(body) {
+            Some(bound) => Estimate {
+                prompt_tokens: i64::from(bound),
+                max_tokens: info.max_tokens.map(i64::from),
+                images: Vec::new(),
+            },
+            None => decoded_estimate(worker, snapshot, endpoint, info, body, exact).await,
+        },
         Endpoint::Chat(_) | Endpoint::Gemini { .. } => {
-            let protocol = endpoint.protocol();
-            let opts = RequestOptions { stream: Some(info.stream), ..RequestOptions::default() };
-            match burncloud_adaptors::convert::decode_request(protocol, body, &opts) {
-                Ok(request) => {
-                    let images =
-                        crate::images::measure(&worker.client, &request, &snapshot.image_fetch).await;
-                    let text = if exact {
-                        tokens::count_chat_prompt(model, &request)
-                    } else {
-                        tokens::chat_prompt_upper_bound(&request)
-                    };
-                    Estimate {
-                        prompt_tokens: i64::from(text) + crate::images::tokens(&images, protocol),
-                        max_tokens: request.max_tokens.map(i64::from),
-                        images,
-                    }
-                }
-                Err(_) => Estimate {
-                    prompt_tokens: if exact {
-                        i64::from(tokens::count_text(model, &String::from_utf8_lossy(body)))
-                    } else {
-                        i64::try_from(body.len()).unwrap_or(i64::MAX)
-                    },
-                    ..Estimate::default()
-                },
-            }
+            decoded_estimate(worker, snapshot, endpoint, info, body, exact).await
         }
         Endpoint::Completions => Estimate {
             prompt_tokens: legacy_prompt_estimate(model, body, exact),
@@ -1003,6 +999,43 @@ pub async fn estimate_prompt(
             prompt_tokens: legacy_prompt_estimate(model, body, exact),
             max_tokens: Some(0),
             images: Vec::new(),
+        },
+    }
+}
+
+/// The estimate from the decoded body: what Gemini bodies, bodies with images, and exact counts need.
+async fn decoded_estimate(
+    worker: &Worker,
+    snapshot: &crate::state::Snapshot,
+    endpoint: &Endpoint,
+    info: &RequestInfo,
+    body: &[u8],
+    exact: bool,
+) -> Estimate {
+    let model = info.model.as_str();
+    let protocol = endpoint.protocol();
+    let opts = RequestOptions { stream: Some(info.stream), ..RequestOptions::default() };
+    match burncloud_adaptors::convert::decode_request(protocol, body, &opts) {
+        Ok(request) => {
+            let images = crate::images::measure(&worker.client, &request, &snapshot.image_fetch).await;
+            let text = if exact {
+                tokens::count_chat_prompt(model, &request)
+            } else {
+                tokens::chat_prompt_upper_bound(&request)
+            };
+            Estimate {
+                prompt_tokens: i64::from(text) + crate::images::tokens(&images, protocol),
+                max_tokens: request.max_tokens.map(i64::from),
+                images,
+            }
+        }
+        Err(_) => Estimate {
+            prompt_tokens: if exact {
+                i64::from(tokens::count_text(model, &String::from_utf8_lossy(body)))
+            } else {
+                i64::try_from(body.len()).unwrap_or(i64::MAX)
+            },
+            ..Estimate::default()
         },
     }
 }
