@@ -8,7 +8,9 @@
 //! 1. maximum requests/s (wrk, or the built-in closed-loop generator without wrk) at each connection
 //!    count, with CPU µs per request and RSS;
 //! 2. latency p50/p99/p99.9 at fixed rates (fractions of nginx's maximum), open loop, from the scheduled
-//!    send time;
+//!    send time; then (2b) BurnCloud's failover latency: at the first fixed rate, alternating, a model
+//!    whose first channel refuses connections (every request fails over to the second) against one
+//!    served by its only channel;
 //! 3. concurrent streams (1,000 by default, 60 ms between events): time to first byte, inter-event
 //!    delays, peak RSS;
 //! 4. RSS per idle keep-alive connection (10,000 by default).
@@ -41,6 +43,9 @@ const STREAM_BODY: &str = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"
 /// the pre-deduction; authentication, routing and logging stay on).
 const PRICED_MODEL: &str = "gpt-4o-mini";
 const FREE_MODEL: &str = "bench-free";
+/// An unpriced model served by two channels: the first (higher priority) refuses connections, the
+/// second is the mock; with cooldowns out of the way every request fails over (phase 2b).
+const FAILOVER_MODEL: &str = "bench-failover";
 const ALL_SYSTEMS: [&str; 6] = ["direct", "burncloud", "burncloud_nobill", "nginx", "litellm", "portkey"];
 /// Systems measured only for throughput and latency: the same process as another one, whose memory
 /// and streams are that one's.
@@ -485,6 +490,12 @@ fn run(o: &Options) -> Result<(), String> {
         }
     }
 
+    // 2b. Failover latency under load.
+    let failover = match (targets.iter().find(|t| t.name == "burncloud").filter(|t| alive(t)), base_rps) {
+        (Some(t), Some(base)) => Some(failover_phase(o, t, &gw_addr, &bc_headers, base)),
+        _ => None,
+    };
+
     // 3. Concurrent streams, after one warm-up stream each (one-time costs such as loading a
     //    tokenizer are not the steady state).
     let own_process = |t: &&Target| !SAME_PROCESS.contains(&t.name);
@@ -549,7 +560,18 @@ fn run(o: &Options) -> Result<(), String> {
     for (name, e) in &exits {
         measured.entry(name).or_default().errors.push(format!("process {e} during the run"));
     }
-    let report = report(o, &lay, nofile, use_wrk, &targets, &measured, &errors, &install_notes, base_name);
+    let mut report =
+        report(o, &lay, nofile, use_wrk, &targets, &measured, &errors, &install_notes, base_name);
+    if let Some(f) = failover {
+        for key in ["p50", "p99", "p999"] {
+            let over = f[key.to_string() + "_ms"]["failover"]
+                .as_f64()
+                .zip(f[key.to_string() + "_ms"]["single"].as_f64());
+            report["ratios"][format!("burncloud_failover_{key}_overhead_ms")] =
+                over.map(|(a, b)| json!(round3(a - b))).unwrap_or(Value::Null);
+        }
+        report["failover"] = f;
+    }
     if let Some(dir) = o.out.parent() {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     }
@@ -569,6 +591,58 @@ fn run(o: &Options) -> Result<(), String> {
     mock.stop();
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(())
+}
+
+/// Phase 2b: at the first fixed rate, alternating round by round, BurnCloud serving `FAILOVER_MODEL`
+/// (its first channel refuses the connection, the second answers) and `FREE_MODEL` (one channel);
+/// both unpriced, so the difference is the failed attempt and the retry. Latencies are the means over
+/// rounds of each run's percentiles.
+fn failover_phase(o: &Options, t: &Target, gw_addr: &str, headers: &[(String, String)], base: f64) -> Value {
+    let frac = o.rate_fractions.first().copied().unwrap_or(0.25);
+    let rate = base * frac;
+    let path = "/v1/chat/completions";
+    let single =
+        Arc::new(client::request_bytes(gw_addr, path, headers, &BODY.replace(PRICED_MODEL, FREE_MODEL)));
+    let over =
+        Arc::new(client::request_bytes(gw_addr, path, headers, &BODY.replace(PRICED_MODEL, FAILOVER_MODEL)));
+    let mut runs: BTreeMap<&str, Vec<RunResult>> = BTreeMap::new();
+    for round in 0..o.rounds.max(1) {
+        let order = if round % 2 == 0 {
+            [("failover", &over), ("single", &single)]
+        } else {
+            [("single", &single), ("failover", &over)]
+        };
+        for (name, req) in order {
+            let r = loadgen::run(
+                t.sock,
+                req.clone(),
+                o.rate_connections,
+                Some(rate),
+                o.rate_duration,
+                Duration::from_secs(5),
+            );
+            eprintln!(
+                "failover {name} ({rate:.0}/s) round {round}: {:.0} req/s p50 {:.3} p99 {:.3} p99.9 {:.3} ms errors {} unsent {}",
+                r.rps, r.latency.p50, r.latency.p99, r.latency.p999, r.errors, r.unsent
+            );
+            runs.entry(name).or_default().push(r);
+        }
+    }
+    let stat =
+        |name: &str, f: fn(&RunResult) -> f64| mean(runs.get(name).into_iter().flatten().map(f)).map(round3);
+    let both =
+        |f: fn(&RunResult) -> f64| json!({"failover": stat("failover", f), "single": stat("single", f)});
+    json!({
+        "rate": round2(rate),
+        "fraction_of_max": frac,
+        "rounds": o.rounds.max(1),
+        "what": format!("{FAILOVER_MODEL}: first channel (priority 10) refuses connections, every request retried on the second (the mock); {FREE_MODEL}: one channel; cooldowns off for the run"),
+        "achieved_rps": both(|r| r.rps),
+        "p50_ms": both(|r| r.latency.p50),
+        "p99_ms": both(|r| r.latency.p99),
+        "p999_ms": both(|r| r.latency.p999),
+        "errors": both(|r| r.errors as f64),
+    })
 }
 
 /// Whether a target's process is still running (not exited, not a zombie).
@@ -1235,6 +1309,18 @@ fn provision(gw: &str, mock: &str) -> Result<String, String> {
         admin(gw, "/api/channel/", &channel)?;
     }
     admin_call(gw, "PUT", "/api/option/", &json!({"key":"SelfUseModeEnabled","value":"true"}))?;
+    // Phase 2b: a channel that refuses connections ahead of the mock; never cooled down nor probed,
+    // so that every request pays the failed attempt.
+    let dead = procs::free_port()?;
+    for (name, url, priority) in
+        [("dead", format!("http://127.0.0.1:{dead}"), 10), ("mock-failover", format!("http://{mock}"), 0)]
+    {
+        let channel = json!({"name":name,"type":"openai","base_url":url,"key":"mock-key","models":FAILOVER_MODEL,"group":"default","priority":priority});
+        admin(gw, "/api/channel/", &channel)?;
+    }
+    for (key, value) in [("ChannelCooldownFailures", "4000000000"), ("ChannelTestInterval", "0")] {
+        admin_call(gw, "PUT", "/api/option/", &json!({"key": key, "value": value}))?;
+    }
     let user = admin(
         gw,
         "/api/user/",
