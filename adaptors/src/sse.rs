@@ -21,6 +21,10 @@ pub struct SseDecoder {
     buf: BytesMut,
     /// Bytes of `buf` already scanned without finding an event end.
     scanned: usize,
+    /// The last event's separator ended in a `\r` that was the last byte received: a `\n` arriving
+    /// next completes that `\r\n` and is dropped, so the bytes left over do not depend on where the
+    /// stream was cut.
+    after_cr: bool,
 }
 
 impl SseDecoder {
@@ -29,7 +33,13 @@ impl SseDecoder {
     }
 
     /// Adds bytes received from the stream.
-    pub fn feed(&mut self, bytes: &[u8]) {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        if self.after_cr && !bytes.is_empty() {
+            self.after_cr = false;
+            if bytes[0] == b'\n' {
+                bytes = &bytes[1..];
+            }
+        }
         self.buf.extend_from_slice(bytes);
     }
 
@@ -40,6 +50,7 @@ impl SseDecoder {
             let (block_len, sep_len) = end;
             let block = self.buf.split_to(block_len + sep_len);
             self.scanned = 0;
+            self.after_cr = self.buf.is_empty() && block.last() == Some(&b'\r');
             if let Some(ev) = parse_block(&block[..block_len]) {
                 return Some(ev);
             }
@@ -222,6 +233,7 @@ mod tests {
         d.feed(b"\ndata: c\n\n");
         assert_eq!(&d.next_event().unwrap().data[..], b"c");
         assert!(d.next_event().is_none());
+        assert_eq!(d.pending(), 0, "the \\n after the separator's \\r completed it");
     }
 
     #[test]
@@ -282,6 +294,7 @@ mod tests {
                 got.extend(all(&mut d).into_iter().map(|e| String::from_utf8(e.data.to_vec()).unwrap()));
             }
             prop_assert_eq!(got, payloads);
+            prop_assert_eq!(d.pending(), 0, "nothing is left over after complete events");
         }
     }
 }
