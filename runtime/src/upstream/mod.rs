@@ -226,7 +226,8 @@ impl Client {
         {
             return Err((UpstreamError::Io(e), true));
         }
-        let mut buf = BytesMut::with_capacity(8 * 1024);
+        // What one read reserves: a smaller buffer would be reallocated by the first read.
+        let mut buf = BytesMut::with_capacity(rt::READ_CHUNK);
         let deadline = self.0.settings.first_byte_timeout;
         let parsed =
             rt::timeout(deadline, read_head(&mut conn, &mut buf, self.0.settings.max_response_head)).await;

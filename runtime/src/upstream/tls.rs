@@ -101,20 +101,29 @@ impl<S: ByteStream> TlsStream<S> {
 
     /// Reads plaintext, appending to `buf`; `Ok(0)` at the end of the stream.
     pub async fn read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        let mut chunk = [0u8; 16 * 1024];
         loop {
-            match self.session.reader().read(&mut chunk) {
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            if let Some(n) = self.take_plaintext(buf)? {
+                return Ok(n);
             }
             if self.read_records().await? == 0 {
                 return Ok(0);
             }
             self.flush_records().await?;
+        }
+    }
+
+    /// Moves the plaintext rustls has decrypted into `buf`; `None` when it has none yet. Not async:
+    /// its 16 KiB stack buffer must not become part of every future that reads from an upstream
+    /// (each of which would then be moved, 16 KiB more per level of TLS, on every request).
+    fn take_plaintext(&mut self, buf: &mut BytesMut) -> io::Result<Option<usize>> {
+        let mut chunk = [0u8; 16 * 1024];
+        match self.session.reader().read(&mut chunk) {
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
