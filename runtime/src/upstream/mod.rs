@@ -195,7 +195,9 @@ impl Client {
                 Err((e, _)) => return Err(e),
             }
         }
-        let conn = self.connect(route).await?;
+        // Boxed: opening a connection is rare next to reusing one, and its future (TLS sessions held
+        // inline across the handshakes) would otherwise enlarge every request's future.
+        let conn = Box::pin(self.connect(route)).await?;
         self.exchange(route, conn, head, req.body.clone()).await.map_err(|(e, _)| e)
     }
 
@@ -572,6 +574,21 @@ impl UpstreamResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every request's future embeds this one and is moved when it is boxed: a buffer held across an
+    /// await point in it (as a TLS read's plaintext buffer once was, 16 KiB per level of TLS) costs a
+    /// copy of that size on every request.
+    #[test]
+    fn the_future_of_an_upstream_exchange_holds_no_large_buffer() {
+        let client = Client::new(ClientSettings::default(), tls::client_config(None).unwrap());
+        let route = Route { origin: Origin::parse("https://127.0.0.1:9").unwrap(), proxy: None };
+        let req = UpstreamRequest { method: "POST", path: "/", headers: &[], body: Bytes::new() };
+        let send = client.send(&route, &req);
+        let size = std::mem::size_of_val(&send);
+        eprintln!("Client::send future: {size} bytes");
+
+        assert!(size <= 4 * 1024, "Client::send's future is {size} bytes");
+    }
 
     #[test]
     fn request_head_has_host_length_and_prefix() {
