@@ -1110,22 +1110,40 @@ pub fn settle(
 }
 
 /// The log's `other`: the ratios (or the per-call price) a request was charged with, and what was
-/// pre-deducted for it.
+/// pre-deducted for it. Serialized from plain structs (one allocation; keys in alphabetical order, as
+/// a JSON object map would write them).
 fn pricing_record(price: Option<Price>, pre_deducted: i64) -> String {
-    let v = match price {
-        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio }) => serde_json::json!({
-            "model_ratio": model_ratio,
-            "completion_ratio": completion_ratio,
-            "group_ratio": group_ratio,
-            "cache_ratio": cache_ratio,
-            "pre_deducted": pre_deducted,
-        }),
-        Some(Price::PerCall { usd, group_ratio }) => {
-            serde_json::json!({"model_price": usd, "group_ratio": group_ratio, "pre_deducted": pre_deducted})
+    #[derive(serde::Serialize)]
+    struct Ratio {
+        cache_ratio: f64,
+        completion_ratio: f64,
+        group_ratio: f64,
+        model_ratio: f64,
+        pre_deducted: i64,
+    }
+    #[derive(serde::Serialize)]
+    struct PerCall {
+        group_ratio: f64,
+        model_price: f64,
+        pre_deducted: i64,
+    }
+    let written = match price {
+        Some(Price::Ratio { model_ratio, completion_ratio, group_ratio, cache_ratio }) => {
+            serde_json::to_string(&Ratio {
+                cache_ratio,
+                completion_ratio,
+                group_ratio,
+                model_ratio,
+                pre_deducted,
+            })
         }
-        None => serde_json::json!({"free": true}),
+        Some(Price::PerCall { usd, group_ratio }) => {
+            serde_json::to_string(&PerCall { group_ratio, model_price: usd, pre_deducted })
+        }
+        None => return r#"{"free":true}"#.to_string(),
     };
-    v.to_string()
+    // Serializing plain numbers cannot fail; a non-finite ratio is written as null, as json! would.
+    written.unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1161,6 +1179,25 @@ mod tests {
         {
             assert_eq!(Endpoint::from_path(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_pricing_record_is_the_json_object_of_the_price() {
+        let ratio =
+            Price::Ratio { model_ratio: 0.075, completion_ratio: 4.0, group_ratio: 1.0, cache_ratio: 0.5 };
+        let expected = serde_json::json!({
+            "model_ratio": 0.075, "completion_ratio": 4.0, "group_ratio": 1.0, "cache_ratio": 0.5,
+            "pre_deducted": 308,
+        });
+        assert_eq!(pricing_record(Some(ratio), 308), expected.to_string());
+        let per_call = Price::PerCall { usd: 0.04, group_ratio: 1.5 };
+        let expected = serde_json::json!({"model_price": 0.04, "group_ratio": 1.5, "pre_deducted": 30_000});
+        assert_eq!(pricing_record(Some(per_call), 30_000), expected.to_string());
+        assert_eq!(pricing_record(None, 0), serde_json::json!({"free": true}).to_string());
+        let odd =
+            Price::Ratio { model_ratio: f64::NAN, completion_ratio: 1.0, group_ratio: 1.0, cache_ratio: 1.0 };
+        let parsed: serde_json::Value = serde_json::from_str(&pricing_record(Some(odd), 1)).unwrap();
+        assert!(parsed["model_ratio"].is_null() && parsed["pre_deducted"] == 1);
     }
 
     #[test]
