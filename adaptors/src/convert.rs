@@ -223,7 +223,8 @@ pub fn convert_response(
     Ok(ConvertedResponse { body, usage: resp.usage })
 }
 
-/// Usage from a complete response body in `protocol`, when the upstream reported it.
+/// Usage from a complete response body in `protocol`, when the upstream reported it. `Some` only
+/// for a body that is valid JSON as a whole (the relay relies on it to skip a separate check).
 pub fn response_usage(protocol: Protocol, body: &[u8]) -> Option<Usage> {
     match protocol {
         Protocol::OpenAi => openai::response_usage(body),
@@ -471,6 +472,30 @@ mod tests {
         assert!(
             convert_request(Protocol::Gemini, Protocol::Gemini, br#"{"contents":[]}"#, "g", &opts()).is_ok()
         );
+    }
+
+    #[test]
+    fn usage_is_read_only_from_a_body_that_is_valid_json_as_a_whole() {
+        let cases: [(Protocol, &str); 3] = [
+            (Protocol::OpenAi, r#"{"usage":{"prompt_tokens":3,"completion_tokens":4},"choices":[]}"#),
+            (
+                Protocol::Anthropic,
+                r#"{"type":"message","usage":{"input_tokens":3,"output_tokens":4},"content":[]}"#,
+            ),
+            (
+                Protocol::Gemini,
+                r#"{"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4},"candidates":[]}"#,
+            ),
+        ];
+        for (protocol, body) in cases {
+            assert!(response_usage(protocol, body.as_bytes()).is_some(), "{protocol:?}");
+            let cut = &body[..body.len() - 3];
+            assert!(response_usage(protocol, cut.as_bytes()).is_none(), "{protocol:?} cut");
+            let trailing = format!("{body} x");
+            assert!(response_usage(protocol, trailing.as_bytes()).is_none(), "{protocol:?} trailing");
+            let bad_inside = body.replacen("[]", "[1,]", 1);
+            assert!(response_usage(protocol, bad_inside.as_bytes()).is_none(), "{protocol:?} bad inside");
+        }
     }
 
     #[test]

@@ -590,8 +590,12 @@ pub async fn forward(
     let broken =
         |e: String| GatewayError::upstream(502, true, format!("upstream sent an unusable body: {e}"));
     if client == upstream {
-        serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map_err(|e| broken(e.to_string()))?;
+        // Reading the usage parses the whole body, so a body it came out of is valid JSON; only a
+        // body without usage needs the separate check (one parse per answer on the common path).
         let usage = burncloud_adaptors::response_usage(upstream, &raw);
+        if usage.is_none() {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&raw).map_err(|e| broken(e.to_string()))?;
+        }
         let content_type = response.header("content-type").unwrap_or("application/json").to_string();
         return Ok(Answer::Complete(FullAnswer { status, content_type, body: raw, usage }));
     }
