@@ -51,6 +51,11 @@ macro_rules! log_insert_cols {
 const LOG_COLUMNS: usize = 19;
 /// Log rows per INSERT statement inside a batch (19 × 128 binds stays far below every backend's limit).
 const LOG_ROWS_PER_STATEMENT: usize = 128;
+/// The row counts of the INSERT statements a batch is cut into: as many full statements as fit,
+/// then the rest in falling powers of two. A batch of any size thus uses the same eight prepared
+/// statements, instead of a statement of its own (prepared anew, and evicting others from the
+/// connection's cache) for whatever is left over after the full ones.
+const LOG_STATEMENT_ROWS: [usize; 8] = [LOG_ROWS_PER_STATEMENT, 64, 32, 16, 8, 4, 2, 1];
 /// Columns written per ability row.
 const ABILITY_COLUMNS: usize = 7;
 const ABILITY_ROWS_PER_STATEMENT: usize = 256;
@@ -64,14 +69,14 @@ pub(crate) struct Db {
     backend: Backend,
     /// Redacted URL, for "unreachable" messages.
     url: String,
-    /// `INSERT INTO logs … VALUES` with [`LOG_ROWS_PER_STATEMENT`] rows, built once.
-    full_log_insert: String,
+    /// `INSERT INTO logs … VALUES` for each row count of [`LOG_STATEMENT_ROWS`], built once.
+    log_inserts: [String; LOG_STATEMENT_ROWS.len()],
 }
 
 impl Db {
     pub(crate) fn new(pool: AnyPool, backend: Backend, redacted_url: String) -> Self {
-        let full_log_insert = log_insert_sql(backend, LOG_ROWS_PER_STATEMENT);
-        Db { pool, backend, url: redacted_url, full_log_insert }
+        let log_inserts = LOG_STATEMENT_ROWS.map(|rows| log_insert_sql(backend, rows));
+        Db { pool, backend, url: redacted_url, log_inserts }
     }
 
     pub(crate) async fn close(&self) {
@@ -118,13 +123,16 @@ impl Db {
         let mut tx = self.begin().await?;
         let conn: &mut AnyConnection = &mut tx;
         let logs: Vec<&LogEntry> = segments.iter().flat_map(|s| s.events.iter().map(|e| &e.log)).collect();
-        for chunk in logs.chunks(LOG_ROWS_PER_STATEMENT) {
-            let sql = if chunk.len() == LOG_ROWS_PER_STATEMENT {
-                self.full_log_insert.clone()
-            } else {
-                log_insert_sql(self.backend, chunk.len())
+        let mut rest: &[&LogEntry] = &logs;
+        while !rest.is_empty() {
+            let Some((which, rows)) =
+                LOG_STATEMENT_ROWS.iter().enumerate().find(|(_, rows)| **rows <= rest.len())
+            else {
+                break;
             };
-            let mut q: AnyQuery = sqlx::query(AssertSqlSafe(sql));
+            let (chunk, tail) = rest.split_at(*rows);
+            rest = tail;
+            let mut q: AnyQuery = sqlx::query(AssertSqlSafe(self.log_inserts[which].clone()));
             for log in chunk {
                 q = bind_log(q, log);
             }

@@ -198,6 +198,7 @@ scenarios!(
     users_conflicts_and_topups,
     tokens_lookup_by_hash_with_owner,
     concurrent_consume_events_are_exact_and_batched,
+    batches_of_any_size_write_every_row_once,
     log_filters_and_newest_first_paging,
     reads_see_events_recorded_before_them,
     shutdown_flushes_queued_events,
@@ -540,6 +541,42 @@ fn concurrent_consume_events_are_exact_and_batched(db: &TestDb) {
     assert_eq!(stats.events_pending, 0);
     assert!(stats.batches_committed >= 1);
     assert!(stats.batches_committed * 10 < events as u64, "events were not batched: {stats:?}");
+    t.shutdown().unwrap();
+}
+
+/// A batch is cut into INSERT statements of 128, 64, …, 1 rows; sizes around those boundaries
+/// (and one above two full statements) must each land row for row, with nothing doubled or lost.
+fn batches_of_any_size_write_every_row_once(db: &TestDb) {
+    let (h, t) = db.start();
+    let alice = block(h.create_user(user("alice", 1_000_000))).unwrap();
+    let tok = block(h.create_token(token(alice.id, "t", 1_000_000, false))).unwrap();
+    let mut written = 0i64;
+    let mut spent = 0i64;
+    for size in [1i64, 2, 3, 63, 64, 65, 127, 128, 129, 255, 256, 300] {
+        for i in 0..size {
+            let created_at = 1_000_000 * size + i;
+            h.record(consume(&alice, &tok, 0, i % 3 + 1, created_at, "gpt-4o"));
+            spent += i % 3 + 1;
+        }
+        block(h.flush()).unwrap();
+        written += size;
+        let (logs, n) = block(h.list_logs(LogFilter {
+            page: 1,
+            page_size: size,
+            start: Some(1_000_000 * size),
+            end: Some(1_000_000 * size + size - 1),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(n, size, "rows of the batch of {size}");
+        let mut seen: Vec<i64> = logs.iter().map(|l| l.created_at - 1_000_000 * size).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..size).collect::<Vec<_>>(), "batch of {size}");
+        let (_, all) = block(h.list_logs(LogFilter { page: 1, page_size: 1, ..Default::default() })).unwrap();
+        assert_eq!(all, written);
+    }
+    let u = block(h.get_user(alice.id)).unwrap().unwrap();
+    assert_eq!((u.used_quota, u.request_count), (spent, written));
     t.shutdown().unwrap();
 }
 
