@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use burncloud_core::lease::{Account, Funding};
 use burncloud_core::model::{
@@ -70,12 +71,12 @@ pub(crate) struct Db {
     /// Redacted URL, for "unreachable" messages.
     url: String,
     /// `INSERT INTO logs … VALUES` for each row count of [`LOG_STATEMENT_ROWS`], built once.
-    log_inserts: [String; LOG_STATEMENT_ROWS.len()],
+    log_inserts: [Arc<str>; LOG_STATEMENT_ROWS.len()],
 }
 
 impl Db {
     pub(crate) fn new(pool: AnyPool, backend: Backend, redacted_url: String) -> Self {
-        let log_inserts = LOG_STATEMENT_ROWS.map(|rows| log_insert_sql(backend, rows));
+        let log_inserts = LOG_STATEMENT_ROWS.map(|rows| Arc::from(log_insert_sql(backend, rows)));
         Db { pool, backend, url: redacted_url, log_inserts }
     }
 
@@ -124,15 +125,13 @@ impl Db {
         let conn: &mut AnyConnection = &mut tx;
         let logs: Vec<&LogEntry> = segments.iter().flat_map(|s| s.events.iter().map(|e| &e.log)).collect();
         let mut rest: &[&LogEntry] = &logs;
-        while !rest.is_empty() {
-            let Some((which, rows)) =
-                LOG_STATEMENT_ROWS.iter().enumerate().find(|(_, rows)| **rows <= rest.len())
-            else {
-                break;
-            };
+        // The largest statement the rows left fill; none once no row is left.
+        while let Some((rows, sql)) =
+            LOG_STATEMENT_ROWS.iter().zip(&self.log_inserts).find(|(rows, _)| **rows <= rest.len())
+        {
             let (chunk, tail) = rest.split_at(*rows);
             rest = tail;
-            let mut q: AnyQuery = sqlx::query(AssertSqlSafe(self.log_inserts[which].clone()));
+            let mut q: AnyQuery = sqlx::query(AssertSqlSafe(Arc::clone(sql)));
             for log in chunk {
                 q = bind_log(q, log);
             }
