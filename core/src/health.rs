@@ -276,6 +276,37 @@ impl Cooldown {
     }
 }
 
+/// At most how often a worker writes a line about failed attempts on one channel. A channel that
+/// refuses every request would otherwise put a line per request into the operator's log, and at
+/// thousands of requests per second the writing itself slows the worker down.
+pub const FAILURE_LOG_INTERVAL_MS: u64 = 1_000;
+
+/// Which failed attempts on one channel get a log line: the first, then at most one per
+/// [`FAILURE_LOG_INTERVAL_MS`]. The failures in between are counted, and the next line reports
+/// how many there were, so none goes unaccounted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureLog {
+    logged_ms: Option<u64>,
+    unlogged: u64,
+}
+
+impl FailureLog {
+    /// Notes a failure at `now_ms`: `Some(n)` when it is to be logged, `n` being the failures not
+    /// logged since the previous line; `None` when it is only counted.
+    pub fn note(&mut self, now_ms: u64) -> Option<u64> {
+        match self.logged_ms {
+            Some(at) if now_ms < at.saturating_add(FAILURE_LOG_INTERVAL_MS) => {
+                self.unlogged += 1;
+                None
+            }
+            _ => {
+                self.logged_ms = Some(now_ms);
+                Some(std::mem::take(&mut self.unlogged))
+            }
+        }
+    }
+}
+
 /// Something that changes a channel's durable status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusEvent {
@@ -445,6 +476,22 @@ impl AutoDisableRules {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failure_log_writes_the_first_failure_then_one_line_per_interval_with_the_count_between() {
+        let mut log = FailureLog::default();
+        assert_eq!(log.note(5_000), Some(0), "the first failure is logged");
+        for t in [5_000, 5_001, 5_500, 5_999] {
+            assert_eq!(log.note(t), None, "within the interval at {t}");
+        }
+        assert_eq!(log.note(6_000), Some(4), "the interval is over: the 4 unlogged failures are reported");
+        assert_eq!(log.note(6_999), None);
+        assert_eq!(log.note(60_000), Some(1), "after a quiet spell the next failure is logged at once");
+        assert_eq!(log.note(60_000), None);
+        // A clock that goes backwards (another worker's timestamp) never logs more often.
+        assert_eq!(log.note(59_000), None);
+        assert_eq!(log.note(u64::MAX), Some(2), "no overflow at the end of the clock");
+    }
 
     const P: CooldownPolicy = CooldownPolicy {
         failure_threshold: 3,

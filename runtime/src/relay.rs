@@ -256,7 +256,15 @@ async fn relay_steps(
                 return Ok(());
             }
             Err(err) => {
-                tracing::warn!(request_id = %ctx.id, channel = channel.id, error = %err.message, "upstream attempt failed");
+                if let Some(unlogged) = worker.failure_to_log(channel.id) {
+                    tracing::warn!(
+                        request_id = %ctx.id,
+                        channel = channel.id,
+                        error = %err.message,
+                        unlogged_failures = unlogged,
+                        "upstream attempt failed"
+                    );
+                }
                 let retry = err.retryable;
                 last_err = Some(err);
                 if !retry {

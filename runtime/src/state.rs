@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use burncloud_core::filter::FilterSet;
-use burncloud_core::health::{Admission, AutoDisableRules, ChannelHealth, CooldownPolicy};
+use burncloud_core::health::{Admission, AutoDisableRules, ChannelHealth, CooldownPolicy, FailureLog};
 use burncloud_core::model::{Channel, Token, User};
 use burncloud_core::pricing::{self, PriceTable};
 use burncloud_core::routing::AbilityIndex;
@@ -343,6 +343,8 @@ pub struct Worker {
     pub connections: Cell<usize>,
     /// This worker's view of each channel's health (cooldowns, half-open probes).
     health: RefCell<HashMap<i64, ChannelHealth>>,
+    /// Which failed attempts on each channel this worker writes a log line about.
+    failure_logs: RefCell<HashMap<i64, FailureLog>>,
     /// This worker's balance leases and rate-limit shares.
     pub billing: crate::billing::Billing,
 }
@@ -373,7 +375,16 @@ impl Worker {
             request_counter: Cell::new(0),
             connections: Cell::new(0),
             health: RefCell::default(),
+            failure_logs: RefCell::default(),
         }
+    }
+
+    /// Notes a failed attempt on the channel: `Some(n)` when it is to be logged (the first failure,
+    /// then at most one per second), `n` being the failures on it this worker did not log since its
+    /// previous line.
+    pub fn failure_to_log(&self, channel: i64) -> Option<u64> {
+        let now = self.now_ms();
+        self.failure_logs.borrow_mut().entry(channel).or_default().note(now)
     }
 
     /// Milliseconds on the process clock (shared by every worker, so health times can be exchanged).

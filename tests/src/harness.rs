@@ -407,6 +407,12 @@ impl Gateway {
         self.process.is_running()
     }
 
+    /// Everything the gateway wrote to stderr; complete only once it has exited (call
+    /// [`terminate`](Self::terminate) first).
+    pub fn take_stderr(&mut self) -> String {
+        self.process.take_stderr()
+    }
+
     /// `http://ADDR`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)

@@ -383,6 +383,48 @@ fn a_channel_on_a_closed_port_fails_over_to_the_next_channel() {
     assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], healthy);
 }
 
+#[test]
+fn a_channel_that_fails_every_request_is_logged_once_a_second_with_the_failures_in_between_counted() {
+    let mut s = setup_with(GatewayOptions::new().env("BURNCLOUD_WORKERS", 1));
+    // Cooldowns out of the way: every request tries the refusing channel first.
+    s.gw.put_option("ChannelCooldownFailures", "4000000000");
+    let refusing = s.gw.create_channel(json!({
+        "base_url": format!("http://127.0.0.1:{}", closed_port()),
+        "models": "gpt-f",
+        "priority": 10,
+    }));
+    let healthy = s.gw.create_channel(json!({"base_url": s.mock.base_url(), "models": "gpt-f"}));
+
+    let burst = Instant::now();
+    for _ in 0..20 {
+        let resp = s.gw.chat(&s.key.key, &chat_body("gpt-f"));
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(s.gw.consume_log(&request_id(&resp))["channel_id"], healthy);
+    }
+    let burst = burst.elapsed();
+    // Past the interval, the next failure is logged and reports the ones before it.
+    pause(Duration::from_millis(1_100));
+    assert_eq!(s.gw.chat(&s.key.key, &chat_body("gpt-f")).status, 200);
+    assert!(s.gw.terminate().success());
+
+    let stderr = s.gw.take_stderr();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("upstream attempt failed") && l.contains(&format!("channel={refusing}")))
+        .collect();
+    let unlogged: u64 = lines
+        .iter()
+        .map(|l| {
+            let (_, rest) = l.split_once("unlogged_failures=").unwrap_or_else(|| panic!("no count in {l}"));
+            rest.split_whitespace().next().unwrap_or_default().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(lines.len() as u64 + unlogged, 21, "every failure is logged or counted:\n{stderr}");
+    let allowed = 2 + burst.as_secs() as usize;
+    assert!(lines.len() <= allowed, "{} lines for 21 failures in {burst:?}:\n{stderr}", lines.len());
+    assert!(lines.last().is_some_and(|l| !l.contains("unlogged_failures=0")), "{stderr}");
+}
+
 // ---------------------------------------------------------------- relay: refusals
 
 #[test]
