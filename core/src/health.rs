@@ -488,7 +488,7 @@ mod tests {
         assert_eq!(log.note(6_999), None);
         assert_eq!(log.note(60_000), Some(1), "after a quiet spell the next failure is logged at once");
         assert_eq!(log.note(60_000), None);
-        // A clock that goes backwards (another worker's timestamp) never logs more often.
+        // An earlier timestamp than the last line's never logs more often.
         assert_eq!(log.note(59_000), None);
         assert_eq!(log.note(u64::MAX), Some(2), "no overflow at the end of the clock");
     }
